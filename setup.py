@@ -1,0 +1,50 @@
+"""Packaging for ambiseg-monai: ambiguous (multi-rater) medical image segmentation on MONAI."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="ambiseg-monai",
+    version="0.1.0",
+    description="MONAI-based toolkit for ambiguous (multi-rater) medical image segmentation with diffusion models",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ambiseg_monai", "ambiseg_monai.*", "preprocessing", "preprocessing.*"]),
+    include_package_data=True,
+    package_data={"preprocessing": ["data/*/*.txt"], "ambiseg_monai": ["py.typed"]},
+    install_requires=[
+        # torch is pinned exactly in CI (torch==2.13.0, the CPU wheel); a lower bound here keeps
+        # an already installed CUDA build acceptable for GPU users.
+        "torch>=2.4",
+        "monai>=1.5,<1.7",
+        "pytorch-ignite>=0.5.1",
+        "numpy>=1.24",
+        "scipy>=1.11",
+        "nibabel>=5.2",
+        "SimpleITK>=2.3",
+        "pydicom>=3.0",
+        "mlflow>=2.16",
+        "pyyaml>=6.0",
+        "fire>=0.6",
+        "jsonschema>=4.20",
+        "einops>=0.7",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pylidc>=0.2.3"],
+        "deploy": ["monai-deploy-app-sdk>=3.0", "highdicom>=0.23"],
+    },
+    entry_points={"console_scripts": ["ambiseg=ambiseg_monai.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)

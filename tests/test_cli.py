@@ -1,0 +1,56 @@
+"""The ambiseg command: prepare demo, refusal to overwrite, usage errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ambiseg_monai.cli import main
+from ambiseg_monai.data.datalist import load_datalist
+
+SMALL = ["--image-size", "16", "--num-training", "3", "--num-validation", "1", "--num-test", "1"]
+
+
+def test_prepare_demo_then_refuse_then_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["prepare", "demo", "--out", str(out), *SMALL]) == 0
+    assert "training: 3, validation: 1, test: 1" in capsys.readouterr().out
+    assert len(load_datalist(out)["training"]) == 3
+    assert main(["prepare", "demo", "--out", str(out), *SMALL, "--num-training", "2"]) == 1
+    error = capsys.readouterr().err
+    assert "already holds a dataset" in error and "--overwrite" in error and "Traceback" not in error
+    assert len(load_datalist(out)["training"]) == 3  # untouched
+    assert main(["prepare", "demo", "--out", str(out), *SMALL, "--num-training", "2", "--overwrite"]) == 0
+    assert len(load_datalist(out)["training"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "demo"], "the following arguments are required: --out"),
+        (["prepare", "demo", "--out", "x", "--num-raters", "0"], "must be a positive integer"),
+        (["prepare", "demo", "--out", "x", "--image-size", "big"], "invalid _positive_int value"),
+        (["prepare"], "required: DATASET"),
+        (["prepare", "nosuch"], "invalid choice: 'nosuch'"),
+    ],
+)
+def test_bad_arguments_give_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: ambiseg" in error and message in error
+
+
+def test_invalid_value_reported_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ambiseg_monai.cli", "prepare", "demo", "--out", str(tmp_path / "d"),
+         "--image-size", "8"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 1
+    assert "ambiseg: error: image_size must be at least 16" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d").exists()
