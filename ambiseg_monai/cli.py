@@ -14,25 +14,47 @@ from collections.abc import Sequence
 
 from ambiseg_monai import __version__
 
-# subcommand name -> (module, one-line help). Modules are imported only to build their parser.
+# subcommand name -> (module, one-line help). A module is imported only when its command runs.
 PREPARE_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ambiseg_monai.data.demo", "generate the deterministic demo dataset with a known ground truth"),
+    "lidc": ("preprocessing.lidc", "convert a TCIA LIDC-IDRI download (DICOM + XML) to 2D nodule crops, 4 readers"),
+    "lidc-pickle": ("preprocessing.lidc_pickle", "convert the community LIDC pickle (data_lidc.pickle)"),
+    "folder": ("preprocessing.folder", "convert a folder of 2D images + one mask per rater, listed in a CSV"),
+    "ms-isbi2015": ("preprocessing.ms_isbi2015", "convert the ISBI 2015 longitudinal MS data to 4-channel 2D slices"),
+    "qubiq": ("preprocessing.qubiq", "convert a 2D QUBIQ task (case folders of NIfTI image + rater masks)"),
 }
-TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {}
+TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("ambiseg_monai.reporting.compare", "compare methods across MLflow runs: table, plots, comparison run"),
+    "export": ("ambiseg_monai.deploy.export", "export a trained bundle as TorchScript with its configs and metadata"),
+}
 
 # Errors a user can cause with arguments or input files: reported in one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
-def _add_module_command(subparsers, name: str, module_name: str, help_text: str) -> None:
-    module = importlib.import_module(module_name)
-    parser = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-    module.configure_parser(parser)
-    parser.set_defaults(handler=module.main)
+def _add_command(subparsers, name: str, module_name: str, help_text: str, configure: bool) -> None:
+    """Register a subcommand; import its module (and so its dependencies) only when ``configure``."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    if configure:
+        module = importlib.import_module(module_name)
+        parser.description = (module.__doc__ or help_text).strip()
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        module.configure_parser(parser)
+        parser.set_defaults(handler=module.main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (every subcommand registered)."""
+def _selected_command(argv: Sequence[str]) -> tuple[str, ...]:
+    """The subcommand path named on the command line, e.g. ``("prepare", "demo")``."""
+    words = [word for word in argv if not word.startswith("-")]
+    if words[:1] == ["prepare"] and len(words) > 1:
+        return ("prepare", words[1])
+    return tuple(words[:1])
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Only the module of the subcommand named in ``argv`` is imported
+    (all of them when ``argv`` is None), so ``ambiseg prepare demo`` does not load torch."""
+    selected = None if argv is None else _selected_command(argv)
     parser = argparse.ArgumentParser(
         prog="ambiseg", description="Ambiguous (multi-rater) medical image segmentation with MONAI."
     )
@@ -43,15 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = prepare.add_subparsers(dest="dataset", metavar="DATASET")
     datasets.required = True
     for name, (module_name, help_text) in PREPARE_COMMANDS.items():
-        _add_module_command(datasets, name, module_name, help_text)
+        _add_command(datasets, name, module_name, help_text, selected in (None, ("prepare", name)))
     for name, (module_name, help_text) in TOP_LEVEL_COMMANDS.items():
-        _add_module_command(commands, name, module_name, help_text)
+        _add_command(commands, name, module_name, help_text, selected in (None, (name,)))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ambiseg`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         status = args.handler(args)

@@ -54,3 +54,15 @@ def test_invalid_value_reported_without_traceback(tmp_path):
     assert "ambiseg: error: image_size must be at least 16" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_prepare_demo_does_not_import_torch(tmp_path):
+    """Only the chosen subcommand's module is imported: dataset preparation stays light."""
+    code = (
+        "import sys; from ambiseg_monai.cli import main; "
+        f"assert main(['prepare', 'demo', '--out', {str(tmp_path / 'd')!r}, '--image-size', '16', "
+        "'--num-training', '1', '--num-validation', '0', '--num-test', '0']) == 0; "
+        "print(sorted(m for m in ('torch', 'monai', 'mlflow') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

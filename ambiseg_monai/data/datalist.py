@@ -369,6 +369,20 @@ class DatasetWriter:
         self.datalist[split].append(item)
         return item
 
+    def register_item(self, split: str, item: dict) -> dict:
+        """Record an item whose files were already written under :attr:`root` (e.g. by a worker
+        process, so compression runs in parallel). The commit validates its files like any other."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}', expected one of {SPLITS}")
+        missing = [key for key in REQUIRED_ITEM_KEYS if key not in item]
+        if missing:
+            raise DatalistError(f"item {item.get('case_id', '?')!r} lacks keys {missing}")
+        for key in ("image", "label"):
+            if not (self.root / item[key]).is_file():
+                raise DatalistError(f"case '{item['case_id']}' ({split}): {key} file {self.root / item[key]} was not written")
+        self.datalist[split].append(dict(item))
+        return item
+
     def write_array(self, relative_path: str, array: np.ndarray, affine: np.ndarray | None = None) -> str:
         """Write an extra C x H x W array (e.g. ground-truth masks) inside the dataset."""
         destination = self.root / relative_path

@@ -1,0 +1,190 @@
+"""Convert the community LIDC pickle (``data_lidc.pickle``, 15096 crops of 128 x 128) to the
+standard multi-rater format.
+
+Usage::
+
+    ambiseg prepare lidc-pickle --source data_lidc.pickle --out data/lidc_pickle            # AmbDiffSeg split
+    ambiseg prepare lidc-pickle --source data_lidc.pickle --out data/lidc_seeded --split seeded --seed 0
+
+The file maps ``<patient>_<slice...>`` keys to ``{"image": H x W float in [0, 1], "masks": 4 x
+H x W, "series_uid": str}``. Images are written unchanged (1 x H x W float32), masks binarised at
+0.5 (R x H x W uint8). The patient is the key's part before the first underscore.
+
+Splits: ``ambdiffseg`` (default) puts the patients of the package's ``data/lidc_split/test_ids.txt``
+and ``vali_ids.txt`` (the AmbDiffSeg patient-level split) into test and validation and the rest
+into training; ``seeded`` draws a seeded 60/20/20 patient split.
+
+The pickle is read with a restricted unpickler that only accepts NumPy arrays and plain Python
+containers, so a tampered file cannot run code. It must fit in memory (about 2 GB for the full
+file): pickles cannot be streamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ambiseg_monai.data.datalist import DatasetWriter, split_patients
+from preprocessing.common import (
+    ImportSummary,
+    InputError,
+    Sample,
+    add_output_arguments,
+    add_split_arguments,
+    finish_import,
+    run_tasks,
+    write_samples,
+)
+
+__all__ = ["load_pickle", "ambdiffseg_split", "convert_entry", "prepare_lidc_pickle", "configure_parser", "main"]
+
+ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays and builtin containers; refuses any other class or function."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS or (module == "numpy" and name.endswith("Dtype")) or (
+            module == "numpy.dtypes"
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only NumPy arrays are expected)")
+
+
+def load_pickle(path: str | os.PathLike) -> dict:
+    """Load the community pickle safely; :class:`InputError` names the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: LIDC pickle not found")
+    try:
+        with open(path, "rb") as handle:
+            data = _NumpyOnlyUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as error:
+        raise InputError(f"{path}: not a readable LIDC pickle ({error})") from error
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path}: expected a non-empty dict of key -> {{image, masks, series_uid}}")
+    return data
+
+
+def ambdiffseg_split() -> tuple[set[str], set[str]]:
+    """The AmbDiffSeg validation and test patient ids shipped with the package."""
+    folder = importlib.resources.files("preprocessing") / "data" / "lidc_split"
+
+    def read(name: str) -> set[str]:
+        return {line.strip() for line in (folder / name).read_text().splitlines() if line.strip()}
+
+    return read("vali_ids.txt"), read("test_ids.txt")
+
+
+def patient_of(key: str) -> str:
+    """The patient part of a pickle key (before the first underscore)."""
+    return str(key).split("_")[0]
+
+
+def convert_entry(entry: tuple[str, str, dict]) -> Sample:
+    """One pickle entry ``(source, key, value)`` -> sample; :class:`InputError` names the key."""
+    source, key, value = entry
+    where = f"{source} [{key}]"
+    if not isinstance(value, dict) or "image" not in value or "masks" not in value:
+        raise InputError(f"{where}: expected a dict with 'image' and 'masks'")
+    image = np.asarray(value["image"], dtype=np.float32)
+    masks = np.asarray(value["masks"])
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise InputError(f"{where}: image must be H x W, got shape {image.shape}")
+    if masks.ndim != 3 or masks.shape[1:] != image.shape:
+        raise InputError(f"{where}: masks must be R x {image.shape[0]} x {image.shape[1]}, got shape {masks.shape}")
+    if not np.isfinite(image).all():
+        raise InputError(f"{where}: image contains NaN or infinite values")
+    case_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(key))
+    metadata = {"source_key": str(key)}
+    if "series_uid" in value:
+        metadata["series_uid"] = str(value["series_uid"])
+    return Sample(case_id, patient_of(key), image[None], (masks > 0.5).astype(np.uint8), metadata)
+
+
+def prepare_lidc_pickle(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str = "ambdiffseg",
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ImportSummary:
+    """Convert the pickle into a dataset at ``out``; returns the summary."""
+    if split not in ("ambdiffseg", "seeded"):
+        raise ValueError(f"--split must be 'ambdiffseg' or 'seeded', got '{split}'")
+    options = {"split": split, "normalisation": "as in the pickle ([0, 1]), unchanged"}
+    if split == "seeded":
+        options.update(split_fractions=list(split_fractions), seed=seed)
+    summary = ImportSummary("lidc-pickle", options)
+    writer = DatasetWriter(
+        out, name="lidc", modality="CT", num_raters=4, image_channels=1, overwrite=overwrite,
+        metadata={"source": "community LIDC pickle (data_lidc.pickle)", "preprocessing": options},
+    )
+    writer.check_destination()
+    data = load_pickle(source)
+    patients = sorted({patient_of(key) for key in data})
+    if split == "ambdiffseg":
+        validation, test = ambdiffseg_split()
+        split_of = {p: "test" if p in test else "validation" if p in validation else "training" for p in patients}
+        missing = len((validation | test) - set(patients))
+        if missing:
+            summary.warn(f"{missing} validation/test patients of the AmbDiffSeg split are not in {source}")
+    else:
+        split_of = split_patients(patients, split_fractions, seed)
+    entries = [(os.fspath(source), key, value) for key, value in data.items()]
+    with writer:
+        for _, sample in run_tasks(
+            convert_entry, entries, describe=lambda e: f"{e[0]} [{e[1]}]", strict=strict, progress=progress,
+            desc="LIDC pickle", on_failure=summary.record_failure,
+        ):
+            write_samples(writer, summary, [sample], split_of)
+        finish_import(writer, summary, source)
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ambiseg prepare lidc-pickle``."""
+    parser.add_argument("--source", required=True, help="the community pickle (data_lidc.pickle)")
+    parser.add_argument(
+        "--split", choices=("ambdiffseg", "seeded"), default="ambdiffseg",
+        help="patient split: the AmbDiffSeg id lists shipped with the package (default) or a seeded draw",
+    )
+    add_split_arguments(parser)
+    add_output_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``ambiseg prepare lidc-pickle``."""
+    summary = prepare_lidc_pickle(
+        args.source, args.out, args.split, tuple(args.split_fractions), args.seed, args.strict, args.overwrite,
+        args.progress,
+    )
+    print(summary.format())
+    print(f"wrote {args.out}")
+    return 0
