@@ -1,0 +1,124 @@
+"""The reverse-diffusion loop: network + scheduler -> masks, with per-sample randomness.
+
+Every sampled mask ("row") owns a ``torch.Generator`` seeded from (seed, image key, sample index).
+Its starting noise x_T and the noise of every step are drawn from that generator only, so a mask
+does not depend on which other masks share its batch: sampling the N masks of an image in one batch,
+one at a time (as the official CIMD code does), or in chunks gives identical masks.
+
+The loop uses only the scheduler protocol documented in :mod:`ambiseg_monai.diffusion.schedulers`
+(``set_timesteps``, ``timesteps``, ``step(..., noise=...)``); the per-sample noise is the ``noise``
+argument of ``step``, which is the hook a continuous-time scheduler must accept too.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["sample_seed", "make_generators", "repeat_rows", "take_rows", "reverse_diffusion"]
+
+
+def sample_seed(seed: int, image_key: int | str, sample_index: int) -> int:
+    """A 63-bit seed for one (image, sample) pair; stable across runs, platforms and batchings.
+
+    Args:
+        seed: the user's seed.
+        image_key: the image's identity: a non-negative int (position in the dataset) or a string
+            (a case id, hashed with CRC32).
+        sample_index: index n of the sample among the image's N samples.
+    """
+    key = zlib.crc32(image_key.encode("utf-8")) if isinstance(image_key, str) else int(image_key)
+    if seed < 0 or key < 0 or sample_index < 0:
+        raise ValueError(f"seed, image key and sample index must be non-negative, got {seed}, {key}, {sample_index}.")
+    state = np.random.SeedSequence([int(seed), key, int(sample_index)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def make_generators(seed: int, image_keys: Sequence[int | str], num_samples: int) -> list[torch.Generator]:
+    """CPU generators for B images x N samples, image-major (row b * N + n)."""
+    generators = []
+    for key in image_keys:
+        for n in range(num_samples):
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(sample_seed(seed, key, n))
+            generators.append(generator)
+    return generators
+
+
+def repeat_rows(value: Any, repeats: int) -> Any:
+    """Repeat every batch row ``repeats`` times (image-major) in a tensor or a tuple/list/dict of tensors."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.repeat_interleave(repeats, dim=0)
+    if isinstance(value, dict):
+        return {k: repeat_rows(v, repeats) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(repeat_rows(v, repeats) for v in value)
+    raise TypeError(f"cannot repeat batch rows of a {type(value).__name__}")
+
+
+def take_rows(value: Any, rows: slice) -> Any:
+    """Rows ``rows`` of a tensor or of every tensor in a tuple/list/dict."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(v, rows) for v in value)
+    raise TypeError(f"cannot select batch rows of a {type(value).__name__}")
+
+
+def _draw(generators: Sequence[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    # one draw per row from the row's own generator (on CPU: identical on every device)
+    noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def reverse_diffusion(
+    network: Callable[..., torch.Tensor],
+    scheduler,
+    cond: Any,
+    sample_shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    class_labels: torch.Tensor | None = None,
+    num_inference_steps: int | None = None,
+    progress: bool = False,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the reverse chain for ``len(generators)`` rows and return the final x_0 estimate.
+
+    Args:
+        network: ``network(x_t, timesteps, cond=..., class_labels=...) -> B x C' x H x W``.
+        scheduler: an object following the scheduler protocol.
+        cond: the rows' condition (already encoded and repeated per row), or None.
+        sample_shape: C x H x W of one mask.
+        generators: one generator per row.
+        class_labels: (rows,) integer labels, or None.
+        num_inference_steps: respaced number of steps (``scheduler.set_timesteps``); None keeps
+            the scheduler's current timesteps.
+        progress: show a tqdm bar over the steps.
+        reference: a tensor whose device and dtype the samples take (default: float32 on CPU).
+
+    Returns:
+        rows x C x H x W tensor of x_0 in the diffusion range ([-1, 1] for masks).
+    """
+    like = reference if reference is not None else torch.zeros(())
+    like = like.float() if not like.is_floating_point() else like
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(int(num_inference_steps), device=like.device)
+    rows = len(generators)
+    x = _draw(generators, sample_shape, like)
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        t_batch = torch.as_tensor(t, device=like.device).reshape(1).expand(rows)
+        model_output = network(x, t_batch, cond=cond, class_labels=class_labels)
+        x, _ = scheduler.step(model_output.to(x.dtype), t, x, noise=_draw(generators, sample_shape, like))
+    return x

@@ -1,0 +1,62 @@
+"""Small handlers and helpers used by the bundles: checkpoints, loss terms, argv parsing, PNG grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ambiseg_monai.engines import inference_items, prepare_dataset
+from ambiseg_monai.handlers import latest_checkpoint, loss_terms_from_output, render_sample_grid
+from ambiseg_monai.handlers.mlflow_logging import config_files_from_argv
+
+
+def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "model.pt", "checkpoint_final_iteration=99.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=10.pt"
+
+
+def test_loss_terms_from_output():
+    output = {"loss": torch.tensor(1.5, requires_grad=True), "pred": {"l_simple": torch.tensor([1.0, 3.0]), "x_t": 0}}
+    assert loss_terms_from_output(output) == {"loss": 1.5, "l_simple": 2.0}
+    assert loss_terms_from_output([output]) == {"loss": 1.5, "l_simple": 2.0}
+    with pytest.raises(ValueError, match="'loss'"):
+        loss_terms_from_output({"pred": {}})
+
+
+def test_config_files_from_argv_reads_monai_bundle_command_lines():
+    argv = ["training", "--config_file", "['a/train.json', 'a/lidc.json']", "--max_epochs", "3", "--resume=false"]
+    files, overrides = config_files_from_argv(argv)
+    assert files == ["a/train.json", "a/lidc.json"]
+    assert overrides == {"max_epochs": 3, "resume": "false"}
+    assert config_files_from_argv(["training", "--config_file", "x.json"])[0] == ["x.json"]
+
+
+def test_render_sample_grid_writes_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    path = render_sample_grid(
+        rng.normal(size=(2, 1, 8, 8)),
+        (rng.random((2, 3, 8, 8)) > 0.5).astype(np.float32),
+        (rng.random((2, 4, 8, 8)) > 0.5).astype(np.float32),
+        tmp_path / "grid.png",
+        rater_mask=np.array([[True, True, False], [True, True, True]]),
+        case_ids=["a", "b"],
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prepare_dataset_never_fills_a_non_demo_folder(tmp_path):
+    with pytest.raises(Exception, match="no datalist"):
+        prepare_dataset(tmp_path / "not_there", image_channels=1, demo_dir=tmp_path / "demo")
+    assert not (tmp_path / "not_there").exists()
+
+
+def test_inference_items_from_folder_and_dataset(small_demo_dataset, tmp_path):
+    items = inference_items(small_demo_dataset)
+    assert [i["case_id"] for i in items][:1] == ["demo_tes_0000"] and items[0]["image"] == items[0]["image_path"]
+    with pytest.raises(ValueError, match="holds no NIfTI image"):
+        inference_items(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        inference_items(tmp_path / "missing")
