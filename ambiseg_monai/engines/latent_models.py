@@ -1,0 +1,299 @@
+"""Engine pieces for the latent-variable baselines (Probabilistic U-Net family, PHiSeg).
+
+Wiring with MONAI engines (no custom trainer), sharing the diffusion bundles' batch preparation:
+
+* training: ``SupervisedTrainer(prepare_batch=DiffusionTrainingPrepareBatch(), inferer=LatentTrainingInferer(),
+  loss_function=ProbUNetELBOLoss(network=net) | PHiSegELBOLoss(), network=net, ...)``. The prepare_batch
+  passes the training mask as the loss target and as the ``target`` keyword; :class:`LatentTrainingInferer`
+  calls ``network(image, target)``, which returns a dict of logits and KL terms; the loss combines them. Add
+  the loss object to ``train_handlers`` so that a divergence error names the trainer's iteration; its
+  ``last_terms`` hold the individual terms for logging.
+* evaluation / inference: ``SupervisedEvaluator(prepare_batch=SamplingPrepareBatch(),
+  inferer=LatentSampleInferer(num_samples), ...)`` gives ``B x N x H x W`` binary samples drawn from the prior,
+  the interface (and per-sample seeding) of the diffusion bundles' ``DiffusionSamplingInferer``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from monai.inferers import Inferer
+from torch import nn
+
+from ambiseg_monai.diffusion.sampler import make_generators
+from ambiseg_monai.engines.inferers import sample_statistics
+from ambiseg_monai.networks.denoisers import unwrap_network
+
+__all__ = ["LatentTrainingInferer", "ProbUNetELBOLoss", "PHiSegELBOLoss", "LatentSampleInferer"]
+
+
+class LatentTrainingInferer(Inferer):
+    """Training forward pass of a latent model: ``__call__(inputs, network, target=...) -> network(inputs, target)``.
+
+    ``inputs``: ``B x C x H x W`` images; ``target``: ``B x 1 x H x W`` binary training mask (one rater), given
+    as a keyword by ``DiffusionTrainingPrepareBatch``. Returns the network's training dict (``"logits"``,
+    ``"kl"``, for PHiSeg also ``"level_logits"``). The latent models take no class labels.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args: Any,
+        target: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        if target is None:
+            raise ValueError("LatentTrainingInferer needs `target` (pass it through prepare_batch's kwargs).")
+        if class_labels is not None:
+            raise ValueError(
+                "LatentTrainingInferer: the Probabilistic U-Net and PHiSeg take no class labels; "
+                "set the prepare_batch's class_label_key to None."
+            )
+        return network(inputs, target)
+
+
+class _LatentELBOLoss(nn.Module):
+    """Shared machinery: L2 term, divergence check naming the iteration and term, per-term logging."""
+
+    name = "latent ELBO"
+
+    def __init__(self, l2_weight: float, network: nn.Module | None) -> None:
+        super().__init__()
+        if l2_weight < 0:
+            raise ValueError(f"{type(self).__name__}: l2_weight must be >= 0, got {l2_weight}.")
+        if l2_weight > 0 and network is None:
+            raise ValueError(
+                f"{type(self).__name__}: l2_weight={l2_weight} needs the network whose parameters it "
+                "regularises (pass network=...)."
+            )
+        self.l2_weight = float(l2_weight)
+        # A plain attribute (not a submodule) so the loss does not re-register or save the network's weights.
+        self.__dict__["network"] = network
+        self.iteration = 0
+        self.last_terms: dict[str, float] = {}
+
+    def attach(self, engine: Any) -> None:
+        """Ignite handler protocol: take the trainer's iteration number for error messages."""
+
+        def _sync_iteration(engine: Any) -> None:
+            self.iteration = engine.state.iteration - 1  # forward() adds 1
+
+        engine.add_event_handler(Events.ITERATION_STARTED, _sync_iteration)
+
+    def _l2(self, reference: torch.Tensor) -> torch.Tensor:
+        if self.l2_weight == 0:
+            return reference.new_zeros(())
+        return sum(p.pow(2).sum() for p in self.network.parameters() if p.requires_grad)
+
+    @staticmethod
+    def _check_pred(owner: str, pred: Any, keys: tuple[str, ...]) -> None:
+        if not isinstance(pred, Mapping) or any(key not in pred for key in keys):
+            got = sorted(pred) if isinstance(pred, Mapping) else type(pred).__name__
+            raise TypeError(
+                f"{owner} expects the network's training output, a dict with keys {list(keys)}, got {got}; "
+                "train with DiffusionTrainingPrepareBatch + LatentTrainingInferer so that the network receives "
+                "`target`."
+            )
+
+    @staticmethod
+    def _check_target(owner: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"{owner}: target must have shape {tuple(logits.shape)} (B x 1 x H x W), got {tuple(target.shape)}."
+            )
+        return target.to(logits.dtype)
+
+    def _finish(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record the terms, fail clearly on divergence, return ``terms["loss"]``."""
+        self.iteration += 1
+        # one device sync for all terms
+        values = dict(zip(terms, torch.stack([value.detach().float() for value in terms.values()]).tolist()))
+        self.last_terms = values
+        if not torch.isfinite(terms["loss"]):
+            bad = [key for key, value in values.items() if key != "loss" and not math.isfinite(value)]
+            listing = ", ".join(f"{key}={value:.6g}" for key, value in values.items())
+            raise FloatingPointError(
+                f"{self.name} loss became non-finite at iteration {self.iteration}: non-finite term(s) "
+                f"{bad or ['loss']} ({listing}). Training diverged: lower the learning rate or the KL weight, "
+                "or resume from the last checkpoint."
+            )
+        return terms["loss"]
+
+
+def _summed_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over all non-batch dims: ``B x ...`` -> ``B``."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
+
+
+class ProbUNetELBOLoss(_LatentELBOLoss):
+    """Probabilistic U-Net loss: ``mean_b [sum_pixels BCE + beta * KL] + l2_weight * sum ||theta||^2``.
+
+    Args:
+        beta: KL weight (Kohl et al.: 1; METHODS.md: 10 works better on LIDC).
+        l2_weight: weight of the squared L2 norm of the trainable network parameters (paper: 1e-5).
+        network: the trained network (required when ``l2_weight > 0``).
+
+    ``forward(pred, target)``: ``pred`` is the network's training dict (``"logits"``: ``B x 1 x H x W``,
+    ``"kl"``: ``B``), ``target`` the ``B x 1 x H x W`` binary mask. After each call ``last_terms`` holds
+    ``loss``, ``reconstruction``, ``kl`` and ``l2`` (floats, batch means) for logging.
+    Raises ``FloatingPointError`` naming the iteration and the non-finite term if the loss is not finite.
+    """
+
+    name = "Probabilistic U-Net"
+
+    def __init__(self, beta: float = 10.0, l2_weight: float = 1e-5, network: nn.Module | None = None) -> None:
+        super().__init__(l2_weight, network)
+        self.beta = float(beta)
+
+    def forward(self, pred: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        self._check_pred(type(self).__name__, pred, ("logits", "kl"))
+        logits = pred["logits"]
+        target = self._check_target(type(self).__name__, logits, target)
+        reconstruction = _summed_bce(logits, target).mean()
+        kl = pred["kl"].mean()
+        l2 = self._l2(reconstruction)
+        loss = reconstruction + self.beta * kl + self.l2_weight * l2
+        return self._finish({"loss": loss, "reconstruction": reconstruction, "kl": kl, "l2": l2})
+
+
+class PHiSegELBOLoss(_LatentELBOLoss):
+    """PHiSeg loss: ``mean_b [sum_l w_l KL_l + reconstruction_weight * sum_l sum_pixels BCE(s_l, y)]``.
+
+    ``w_l = kl_weight * 4^l`` with ``exponential_kl_weighting`` (paper; level 0 is the finest latent, whose
+    KL sums over 4x more pixels than the next), ``kl_weight`` otherwise. ``s_l`` is the residual prediction
+    of level ``l`` (``pred["level_logits"][:, l]``); every level is trained to reconstruct the mask.
+
+    Args:
+        kl_weight: overall KL weight (paper: 1).
+        exponential_kl_weighting: weight level ``l`` by ``4^l`` (paper: yes).
+        reconstruction_weight: weight of the per-level cross-entropy (paper: 1).
+        l2_weight: optional squared-L2 weight on the network parameters (paper: 0).
+        network: the trained network (required when ``l2_weight > 0``).
+
+    After each call ``last_terms`` holds ``loss``, ``reconstruction``, ``kl`` (weighted sums),
+    ``reconstruction_level{l}``, ``kl_level{l}`` (unweighted) and ``l2``.
+    """
+
+    name = "PHiSeg"
+
+    def __init__(
+        self,
+        kl_weight: float = 1.0,
+        exponential_kl_weighting: bool = True,
+        reconstruction_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        network: nn.Module | None = None,
+    ) -> None:
+        super().__init__(l2_weight, network)
+        self.kl_weight = float(kl_weight)
+        self.exponential_kl_weighting = bool(exponential_kl_weighting)
+        self.reconstruction_weight = float(reconstruction_weight)
+
+    def level_kl_weights(self, num_levels: int) -> torch.Tensor:
+        """``L`` weights of the per-level KL terms."""
+        base = 4.0 if self.exponential_kl_weighting else 1.0
+        return self.kl_weight * base ** torch.arange(num_levels, dtype=torch.float64)
+
+    def forward(self, pred: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        self._check_pred(type(self).__name__, pred, ("logits", "level_logits", "kl"))
+        level_logits, kl = pred["level_logits"], pred["kl"]
+        target = self._check_target(type(self).__name__, pred["logits"], target)
+        if kl.ndim != 2 or kl.shape[1] != level_logits.shape[1]:
+            raise ValueError(
+                f"PHiSegELBOLoss: kl must be B x L with L = {level_logits.shape[1]} levels, got {tuple(kl.shape)}."
+            )
+        level_reconstruction = torch.stack(
+            [_summed_bce(level_logits[:, l : l + 1], target) for l in range(level_logits.shape[1])], dim=1
+        ).mean(0)  # L
+        level_kl = kl.mean(0)  # L
+        weights = self.level_kl_weights(level_kl.shape[0]).to(level_kl)
+        reconstruction = level_reconstruction.sum()
+        weighted_kl = (weights * level_kl).sum()
+        l2 = self._l2(reconstruction)
+        loss = self.reconstruction_weight * reconstruction + weighted_kl + self.l2_weight * l2
+        terms = {"loss": loss, "reconstruction": reconstruction, "kl": weighted_kl, "l2": l2}
+        terms.update({f"reconstruction_level{l}": value for l, value in enumerate(level_reconstruction)})
+        terms.update({f"kl_level{l}": value for l, value in enumerate(level_kl)})
+        return self._finish(terms)
+
+
+class LatentSampleInferer(Inferer):
+    """N-sample inferer for latent-variable models: ``__call__(inputs, network) -> B x N x H x W`` in {0, 1}.
+
+    Latents are drawn from the network's **prior** (``network.sample(inputs, N, generators)``; the posterior,
+    which needs the mask, is never used) and decoded in one batched call; a pixel is foreground where its
+    logit is ``> 0`` (probability ``> 0.5``). Interface and seeding follow the diffusion bundles'
+    ``DiffusionSamplingInferer``, so evaluation, inference and deploy code is shared: every (image, sample)
+    pair draws its latent noise from its own generator seeded from ``(seed, image key, n)``, so a mask does not
+    depend on the other images of its batch.
+
+    Args:
+        num_samples: ``N`` masks per image.
+        seed: base seed; ``None`` uses the global RNG instead of per-sample generators.
+        return_stats: return ``{"pred": samples, "mean": B x 1 x H x W, "variance": B x 1 x H x W}``.
+
+    ``__call__`` keyword arguments: ``image_ids`` (B case ids or dataset positions; default: a running count
+    of the images this inferer has seen, see :meth:`reset_counter`). Other arguments from the engine (e.g. a
+    ``target``) are ignored: sampling never looks at a mask.
+    """
+
+    def __init__(self, num_samples: int = 4, seed: int | None = 0, return_stats: bool = False) -> None:
+        super().__init__()
+        if int(num_samples) < 1:
+            raise ValueError(f"LatentSampleInferer: num_samples must be >= 1, got {num_samples}.")
+        self.num_samples = int(num_samples)
+        self.seed = None if seed is None else int(seed)
+        self.return_stats = bool(return_stats)
+        self._images_seen = 0
+
+    def reset_counter(self) -> None:
+        """Restart the running image count used as the image key when no ``image_ids`` are given."""
+        self._images_seen = 0
+
+    def _generators(self, batch: int, image_ids: Sequence | None) -> list[torch.Generator] | None:
+        if image_ids is None:
+            keys: list[int | str] = list(range(self._images_seen, self._images_seen + batch))
+        else:
+            keys = [i if isinstance(i, str) else int(i) for i in image_ids]
+            if len(keys) != batch:
+                raise ValueError(f"LatentSampleInferer: got {len(keys)} image_ids for a batch of {batch} images.")
+        self._images_seen += batch
+        return None if self.seed is None else make_generators(self.seed, keys, self.num_samples)
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args: Any,
+        image_ids: Sequence | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        if inputs.ndim != 4:
+            raise ValueError(f"LatentSampleInferer expects B x C x H x W images, got {tuple(inputs.shape)}.")
+        model = unwrap_network(network)  # DDP / DataParallel expose only forward(); sampling is a method
+        if not callable(getattr(model, "sample", None)):
+            raise TypeError(
+                "LatentSampleInferer needs a network with sample(image, num_samples, generators) (e.g. "
+                f"ProbabilisticUNet, PHiSeg), got {type(model).__name__}."
+            )
+        generators = self._generators(inputs.shape[0], image_ids)
+        logits = model.sample(inputs, self.num_samples, generators)
+        expected = (inputs.shape[0], self.num_samples, *inputs.shape[2:])
+        if tuple(logits.shape) != expected:
+            raise ValueError(
+                f"LatentSampleInferer: {type(model).__name__}.sample returned {tuple(logits.shape)}, "
+                f"expected {expected}."
+            )
+        samples = (logits > 0).float()
+        if not self.return_stats:
+            return samples
+        mean, variance = sample_statistics(samples)
+        return {"pred": samples, "mean": mean, "variance": variance}
