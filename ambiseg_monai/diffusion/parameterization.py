@@ -1,0 +1,108 @@
+"""What a diffusion network predicts (x_0, v or ε) and the conversions between them, in one place.
+
+For a variance-preserving process ``x_t = α x_0 + σ ε`` with α² + σ² = 1 (Salimans & Ho 2022):
+
+- ``x_0 = (x_t - σ ε) / α``            ``ε = (x_t - α x_0) / σ``
+- ``v = α ε - σ x_0``                  ``x_0 = α x_t - σ v``        ``ε = σ x_t + α v``
+
+α and σ are tensors broadcastable against the samples (B x 1 x 1 x 1 per-row coefficients) or floats.
+The ε -> x_0 conversion divides by α and the x_0 -> ε conversion by σ: both are finite only while
+the schedule keeps α, σ > 0 (the continuous schedule's log-SNR clipping does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "x0_from_eps",
+    "eps_from_x0",
+    "x0_from_v",
+    "eps_from_v",
+    "velocity",
+    "DiffusionParameterization",
+]
+
+Coefficient = torch.Tensor | float
+
+#: Accepted names (MONAI's "sample" / "epsilon" / "v_prediction" included) -> canonical name.
+PREDICTION_TYPES: dict[str, str] = {
+    "x": "x",
+    "x0": "x",
+    "sample": "x",
+    "v": "v",
+    "v_prediction": "v",
+    "eps": "eps",
+    "epsilon": "eps",
+}
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """x_0 = (x_t - σ ε) / α."""
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """ε = (x_t - α x_0) / σ."""
+    return (x_t - alpha * x0) / sigma
+
+
+def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """x_0 = α x_t - σ v (variance preserving)."""
+    return alpha * x_t - sigma * v
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """ε = σ x_t + α v (variance preserving)."""
+    return sigma * x_t + alpha * v
+
+
+def velocity(x0: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """v = α ε - σ x_0."""
+    return alpha * eps - sigma * x0
+
+
+class DiffusionParameterization:
+    """The network's prediction type and how to turn its output into (x̂_0, ε̂).
+
+    Args:
+        prediction_type: "x" (the paper's), "v" or "eps" (aliases in :data:`PREDICTION_TYPES`).
+        tanh_x_output: with x-prediction, pass the network output through tanh so that x̂_0 lies in
+            (-1, 1) like the masks (the official code's ``final_act: tanh_if_x``). Ignored for v / ε,
+            whose targets are unbounded, so a prediction-type ablation changes only ``prediction_type``.
+    """
+
+    def __init__(self, prediction_type: str = "x", tanh_x_output: bool = True) -> None:
+        key = str(prediction_type).lower()
+        if key not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        self.prediction_type = PREDICTION_TYPES[key]
+        self.tanh_x_output = bool(tanh_x_output)
+
+    @property
+    def uses_tanh(self) -> bool:
+        """Whether the network output goes through tanh (x-prediction with ``tanh_x_output``)."""
+        return self.prediction_type == "x" and self.tanh_x_output
+
+    def predict(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, alpha: Coefficient, sigma: Coefficient
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̂) from the network output at x_t; all tensors B x C x H x W."""
+        if self.prediction_type == "x":
+            x0 = torch.tanh(model_output) if self.tanh_x_output else model_output
+            return x0, eps_from_x0(x_t, x0, alpha, sigma)
+        if self.prediction_type == "v":
+            return x0_from_v(x_t, model_output, alpha, sigma), eps_from_v(x_t, model_output, alpha, sigma)
+        return x0_from_eps(x_t, model_output, alpha, sigma), model_output
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+        """The quantity the network regresses (before any tanh): x_0, v or ε."""
+        if self.prediction_type == "x":
+            return x0
+        if self.prediction_type == "v":
+            return velocity(x0, eps, alpha, sigma)
+        return eps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prediction_type={self.prediction_type!r}, tanh_x_output={self.tanh_x_output})"
