@@ -1,0 +1,330 @@
+"""What a reader needs to trust a run: hyperparameters, dataset identity, code version, the executed
+config and the per-image evaluation tables, logged to an MLflow run.
+
+Everything here takes an ``mlflow.MlflowClient`` and a run id, so it works with MONAI's
+``MLFlowHandler`` (which owns a client and a run) as well as with ``mlflow.start_run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from ambiseg_monai import __version__
+from ambiseg_monai.reporting import naming
+
+__all__ = [
+    "CONFIG_PARAM_PREFIX",
+    "flatten_config",
+    "load_config",
+    "datalist_sha256",
+    "code_version",
+    "git_describe",
+    "provenance_tags",
+    "log_provenance",
+    "log_executed_config",
+    "log_per_image_csv",
+    "log_evaluation_results",
+    "summarise_per_image",
+]
+
+#: First part of the param keys of the flattened config (``config.optimizer.lr``).
+CONFIG_PARAM_PREFIX = "config"
+_MAX_PARAM_KEY = 250
+_MAX_PARAM_VALUE = 6000
+_INVALID_NAME_CHARS = re.compile(r"[^\w./\- ]")
+
+
+def _param_key(parts: Sequence[str]) -> str:
+    # MLflow accepts alphanumerics, _ - . / and space in names (colons only outside Windows).
+    key = ".".join(_INVALID_NAME_CHARS.sub("_", str(p)) or "_" for p in parts)
+    return key[:_MAX_PARAM_KEY]
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+    if len(text) > _MAX_PARAM_VALUE:
+        suffix = "...[truncated]"
+        text = text[: _MAX_PARAM_VALUE - len(suffix)] + suffix
+    return text
+
+
+def flatten_config(
+    config: Mapping[str, Any], prefix: str = "", skip_keys: Sequence[str] = ("_meta_",)
+) -> dict[str, str]:
+    """Flatten a (bundle) config into MLflow params: nested keys joined with ``.``, list items by index.
+
+    Values are kept as written in the config (``@`` references and ``$`` expressions included), so
+    a param reads like the config line it comes from; ``true``/``false``/``null`` stay JSON-spelled.
+    Empty dicts and lists are kept as ``{}`` / ``[]`` so that no configured key disappears.
+
+    Args:
+        config: the config dict (e.g. ``ConfigParser.get()`` or :func:`load_config`).
+        prefix: first part of every key (``"config"`` -> ``config.optimizer.lr``); none when empty.
+        skip_keys: top-level keys left out (the bundle metadata by default).
+
+    Returns:
+        dict param key -> value string, keys and values within MLflow's limits.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping (the parsed config dict), got {type(config).__name__}.")
+    flat: dict[str, str] = {}
+
+    def visit(node: Any, parts: list[str]) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, child in node.items():
+                visit(child, [*parts, str(key)])
+        elif isinstance(node, (list, tuple)) and node:
+            for index, child in enumerate(node):
+                visit(child, [*parts, str(index)])
+        else:
+            flat[_param_key(parts)] = _param_value(node)
+
+    for key, value in config.items():
+        if key not in skip_keys:
+            visit(value, [prefix, str(key)] if prefix else [str(key)])
+    return flat
+
+
+def load_config(config: Mapping[str, Any] | str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
+    """The merged config of one or several JSON/YAML files (later files override), or a dict as given."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    from monai.bundle import ConfigParser
+
+    files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing or not files:
+        raise FileNotFoundError(f"config file(s) not found: {missing or 'none given'}.")
+    return dict(ConfigParser.load_config_files([str(f) for f in files]))
+
+
+def datalist_sha256(dataset: str | os.PathLike) -> str:
+    """SHA-256 of a dataset's ``datalist.json`` content (canonical JSON: key order and spacing ignored).
+
+    Two runs with the same hash saw the same dataset name, splits, items and paths. The image files
+    themselves are not read (that would cost a pass over the whole dataset).
+
+    Args:
+        dataset: the dataset folder or the ``datalist.json`` path.
+    """
+    path = Path(dataset)
+    if path.is_dir():
+        path = path / "datalist.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no datalist.json to hash.")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def git_describe() -> str | None:
+    """``git describe --always --tags`` of the ambiseg-monai checkout this package runs from, with
+    ``-dirty`` when tracked files are modified; None for an installed (non-checkout) package or without git.
+    """
+    package = Path(__file__).resolve().parents[1]
+    # GIT_OPTIONAL_LOCKS=0: read-only queries must not refresh (write) the index of the user's checkout.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=package, env=env, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        # a package installed into a virtual environment that lives inside some other repository
+        # must not report that repository's version
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:
+            return None
+        describe = git("describe", "--always", "--tags")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{describe}-dirty" if dirty else describe
+
+
+def code_version() -> str:
+    """The package version, plus the git description when running from a checkout: ``0.1.0+a1b2c3d``."""
+    describe = git_describe()
+    return f"{__version__}+{describe}" if describe else __version__
+
+
+def provenance_tags(
+    dataset_dir: str | os.PathLike | None = None,
+    bundle: str | None = None,
+    run_kind: str | None = None,
+) -> dict[str, str]:
+    """The ``ambiseg.*`` tags of a run: code version, and when given, bundle, run kind and dataset
+    (name from the datalist and its SHA-256)."""
+    tags = {naming.TAG_CODE_VERSION: code_version()}
+    describe = git_describe()
+    if describe:
+        tags[naming.TAG_GIT_DESCRIBE] = describe
+    if bundle:
+        tags[naming.TAG_BUNDLE] = str(bundle)
+    if run_kind:
+        if run_kind not in naming.RUN_KINDS:
+            raise ValueError(f"run_kind {run_kind!r}: choose from {naming.RUN_KINDS}.")
+        tags[naming.TAG_RUN_KIND] = run_kind
+    if dataset_dir is not None:
+        from ambiseg_monai.data.datalist import load_datalist
+
+        tags[naming.TAG_DATASET] = str(load_datalist(dataset_dir)["name"])
+        tags[naming.TAG_DATALIST_SHA256] = datalist_sha256(dataset_dir)
+    return tags
+
+
+def log_executed_config(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    config: Mapping[str, Any],
+    artifact_path: str = naming.CONFIG_ARTIFACT_DIR,
+    filename: str = naming.EXECUTED_CONFIG_NAME,
+) -> None:
+    """Log the config as it ran (``config/executed_config.json``), so the run can be re-executed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        path.write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_provenance(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    config: Mapping[str, Any] | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    bundle: str | None = None,
+    run_kind: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    log_config_file: bool = True,
+) -> dict[str, str]:
+    """Log hyperparameters, dataset identity, code version and the executed config to a run.
+
+    The config is logged as written (``@`` references and ``$`` expressions unresolved) under the
+    ``config.`` prefix, so it never collides with the resolved values ``MLFlowHandler`` logs as
+    ``experiment_param`` (MLflow params are immutable: a second, different value would be an error).
+
+    Args:
+        client: MLflow client of the run's tracking store.
+        run_id: the run to log to.
+        config: the executed config (a dict, or the config file(s) it was read from).
+        dataset_dir: the dataset folder (its ``datalist.json`` is named and hashed).
+        bundle: bundle name (tag ``ambiseg.bundle``).
+        run_kind: one of :data:`naming.RUN_KINDS` (tag ``ambiseg.run_kind``).
+        extra_tags: further tags.
+        log_config_file: also log the config as ``config/executed_config.json``.
+
+    Returns:
+        the tags that were set.
+    """
+    tags = provenance_tags(dataset_dir, bundle, run_kind)
+    tags.update({str(k): str(v) for k, v in (extra_tags or {}).items()})
+    params: dict[str, str] = {}
+    if config is not None:
+        config = load_config(config)
+        existing = client.get_run(run_id).data.params
+        params = {k: v for k, v in flatten_config(config, CONFIG_PARAM_PREFIX).items() if k not in existing}
+    client.log_batch(
+        run_id,
+        params=[mlflow.entities.Param(k, v) for k, v in params.items()],
+        tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()],
+    )
+    if config is not None and log_config_file:
+        log_executed_config(client, run_id, config)
+    return tags
+
+
+def _check_per_image_frame(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    if "case_id" not in frame.columns:
+        raise ValueError(f"{source}: per-image table needs a 'case_id' column, has {list(frame.columns)}.")
+    metrics = [c for c in frame.columns if c not in ("case_id", "num_samples")]
+    if not metrics:
+        raise ValueError(f"{source}: per-image table has no metric columns.")
+    if frame.empty:
+        raise ValueError(f"{source}: per-image table has no rows.")
+    bad = [c for c in metrics if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise ValueError(f"{source}: metric columns {bad} are not numeric.")
+    return frame
+
+
+def summarise_per_image(frame: pd.DataFrame, num_samples: int, prefix: str = naming.EVALUATION_PREFIX) -> dict:
+    """Run metrics of a per-image table: the mean over images of each metric column, keyed
+    ``test_n<N>_<metric>`` (NaN values, e.g. an undefined metric on one image, are skipped)."""
+    frame = _check_per_image_frame(frame, f"per-image table (N={num_samples})")
+    metrics = [c for c in frame.columns if c not in ("case_id", "num_samples")]
+    return {naming.evaluation_metric_key(m, num_samples, prefix): float(frame[m].mean()) for m in metrics}
+
+
+def log_per_image_csv(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    csv_path: str | os.PathLike,
+    num_samples: int | None = None,
+    artifact_path: str | None = naming.PER_IMAGE_ARTIFACT_DIR,
+) -> str:
+    """Log a per-image metrics CSV as ``n<N>_per_image.csv`` (in ``artifact_path``; default the artifact
+    root) and return its artifact path.
+
+    The file is checked first (``case_id`` column, numeric metric columns); ``num_samples`` is read
+    from the file name when not given.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: per-image CSV not found.")
+    _check_per_image_frame(pd.read_csv(csv_path), str(csv_path))
+    num_samples = num_samples if num_samples is not None else naming.parse_per_image_csv_name(csv_path.name)
+    name = naming.per_image_csv_name(num_samples) if num_samples is not None else csv_path.name
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / name
+        target.write_bytes(csv_path.read_bytes())
+        client.log_artifact(run_id, str(target), artifact_path)
+    return f"{artifact_path}/{name}" if artifact_path else name
+
+
+def log_evaluation_results(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    per_image: Mapping[int, pd.DataFrame | str | os.PathLike],
+    prefix: str = naming.EVALUATION_PREFIX,
+) -> dict[str, float]:
+    """Log a final evaluation: per-image CSVs (artifacts) and their means (run metrics), for each N.
+
+    Args:
+        client: MLflow client of the run's tracking store.
+        run_id: the run to log to.
+        per_image: number of samples N -> per-image table (DataFrame or CSV path) with a ``case_id``
+            column and one column per metric.
+        prefix: metric key prefix (``test``).
+
+    Returns:
+        the logged summary, key ``test_n<N>_<metric>`` -> mean over images.
+    """
+    if not per_image:
+        raise ValueError("per_image is empty: give at least one number of samples and its per-image table.")
+    summary: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for num_samples, table in per_image.items():
+            frame = table if isinstance(table, pd.DataFrame) else pd.read_csv(table)
+            summary.update(summarise_per_image(frame, int(num_samples), prefix))
+            path = Path(tmp) / naming.per_image_csv_name(num_samples)
+            frame.to_csv(path, index=False)
+            log_per_image_csv(client, run_id, path, int(num_samples))
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in summary.items()])
+    return summary

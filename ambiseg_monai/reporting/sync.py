@@ -1,0 +1,152 @@
+"""Copy MLflow runs from one tracking store to another (e.g. an offline SQLite store into a server).
+
+::
+
+    python -m ambiseg_monai.reporting.sync --from sqlite:////abs/mlruns-offline.db --to http://127.0.0.1:5000
+
+Experiments are matched by name (created in the destination when missing). Each run is copied with
+its name, start/end time, status, params, tags, full metric histories, dataset inputs and artifacts,
+and tagged ``ambiseg.synced_from=<source run id>``; a run already copied is skipped, so running the
+command twice copies nothing twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, ViewType
+
+from ambiseg_monai.reporting import naming
+
+__all__ = ["SyncedRun", "sync_runs", "configure_parser", "main"]
+
+# Tags MLflow derives from the run itself; copying them would clash with the destination's own.
+_SKIPPED_TAGS = ("mlflow.runName",)
+
+
+@dataclass(frozen=True)
+class SyncedRun:
+    """One source run and what happened to it."""
+
+    experiment: str
+    source_run_id: str
+    destination_run_id: str | None
+    copied: bool  # False: it was already in the destination
+
+
+def _all_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _copy_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, experiment_id: str) -> str:
+    tags = {k: v for k, v in run.data.tags.items() if k not in _SKIPPED_TAGS}
+    tags[naming.TAG_SYNCED_FROM] = run.info.run_id
+    new = destination.create_run(
+        experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
+    )
+    run_id = new.info.run_id
+    metrics = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in run.data.metrics
+        for m in source.get_metric_history(run.info.run_id, key)
+    ]
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    destination.log_batch(run_id, metrics=metrics, params=params)
+    if run.inputs is not None and run.inputs.dataset_inputs:
+        destination.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(source.download_artifacts(run.info.run_id, "", tmp))
+        if any(local.iterdir()):
+            destination.log_artifacts(run_id, str(local))
+    if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        destination.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    return run_id
+
+
+def sync_runs(
+    source_uri: str,
+    destination_uri: str,
+    experiments: Sequence[str] | None = None,
+) -> list[SyncedRun]:
+    """Copy every run of the source store's experiments (or only of ``experiments``) to the destination.
+
+    Args:
+        source_uri: tracking URI to copy from.
+        destination_uri: tracking URI to copy to.
+        experiments: experiment names to copy; default all active experiments with runs.
+
+    Returns:
+        one :class:`SyncedRun` per source run.
+    """
+    if source_uri == destination_uri:
+        raise ValueError(f"source and destination are the same store ({source_uri}).")
+    source = mlflow.MlflowClient(source_uri)
+    destination = mlflow.MlflowClient(destination_uri)
+    available = {e.name: e for e in source.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+    names = list(experiments) if experiments else sorted(available)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"{source_uri}: no experiment named {missing}; it has {sorted(available)}.")
+    results: list[SyncedRun] = []
+    for name in names:
+        runs = _all_runs(source, available[name].experiment_id)
+        if not runs:
+            continue
+        target = destination.get_experiment_by_name(name)
+        experiment_id = target.experiment_id if target else destination.create_experiment(name, tags=available[name].tags)
+        done = {
+            r.data.tags[naming.TAG_SYNCED_FROM]: r.info.run_id
+            for r in _all_runs(destination, experiment_id)
+            if naming.TAG_SYNCED_FROM in r.data.tags
+        }
+        # oldest first, so the destination lists runs in the order they were made
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            if run.info.run_id in done:
+                results.append(SyncedRun(name, run.info.run_id, done[run.info.run_id], copied=False))
+            else:
+                new_id = _copy_run(source, destination, run, experiment_id)
+                results.append(SyncedRun(name, run.info.run_id, new_id, copied=True))
+    return results
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the sync command."""
+    parser.add_argument("--from", dest="source", required=True, help="tracking URI to copy from (e.g. sqlite:////abs/mlruns-offline.db)")
+    parser.add_argument("--to", dest="destination", required=True, help="tracking URI to copy to (e.g. http://127.0.0.1:5000)")
+    parser.add_argument("--experiment", action="append", default=None, help="experiment name to copy (repeatable; default: all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the sync and print one line per experiment."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run drowns the summary
+    results = sync_runs(args.source, args.destination, args.experiment)
+    for name in dict.fromkeys(r.experiment for r in results):
+        copied = sum(r.copied for r in results if r.experiment == name)
+        skipped = sum(not r.copied for r in results if r.experiment == name)
+        print(f"{name}: {copied} run(s) copied, {skipped} already present")
+    if not results:
+        print("nothing to copy: the source store has no runs")
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m ambiseg_monai.reporting.sync", description=__doc__.split("\n\n")[0])
+    configure_parser(_parser)
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except (ValueError, mlflow.exceptions.MlflowException) as _error:
+        print(f"sync: error: {_error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,385 @@
+"""Comparison report, provenance and store helpers, on MLflow stores built with the MLflow API in tmp_path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import warnings
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+from ambiseg_monai import cli
+from ambiseg_monai.handlers.provenance import ProvenanceHandler, executed_config_from_argv
+from ambiseg_monai.reporting import naming
+from ambiseg_monai.reporting.provenance import (
+    datalist_sha256,
+    flatten_config,
+    log_evaluation_results,
+    log_provenance,
+    summarise_per_image,
+)
+from ambiseg_monai.reporting.report import compare_runs, load_per_image_metrics
+from ambiseg_monai.reporting.runs import RunSelection, select_runs
+from ambiseg_monai.reporting.sync import main as sync_main
+from ambiseg_monai.reporting.sync import sync_runs
+from ambiseg_monai.reporting.table import comparison_table, evaluation_frame, format_mean_std, table_to_markdown
+from ambiseg_monai.reporting.tracking import (
+    TrackingServerUnreachableWarning,
+    pending_sync_file,
+    probe_tracking_uri,
+    resolve_tracking_uri,
+)
+
+METRICS = naming.REPORT_METRICS
+# GED of image i in run r of a method: BASE[method] + 0.2 * i + 0.1 * r (+ 0.05 for N = 16);
+# the other metrics are offsets of it so every column is distinct.
+BASE = {"cimd": 0.1, "prob_unet": 0.3}
+NUM_IMAGES = 4
+
+
+def per_image_table(method: str, run: int, num_samples: int) -> pd.DataFrame:
+    ged = BASE[method] + 0.2 * np.arange(NUM_IMAGES) + 0.1 * run + (0.05 if num_samples == 16 else 0.0)
+    columns = {m: ged / (k + 2) + 0.01 * k for k, m in enumerate(METRICS)}
+    columns["ged"] = ged
+    return pd.DataFrame({"case_id": [f"case{i}" for i in range(NUM_IMAGES)], **columns})
+
+
+def make_run(client, experiment_id, name, per_image=None, dataset="demo", curve=True):
+    run_id = client.create_run(experiment_id, run_name=name, tags={naming.TAG_DATASET: dataset}).info.run_id
+    if curve:
+        for step in range(1, 5):
+            client.log_metric(run_id, "train_loss", 1.0 / step, step=step)
+    if per_image:
+        log_evaluation_results(client, run_id, per_image)
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory):
+    """An initialised, empty MLflow SQLite store. Creating one runs MLflow's schema migrations (seconds);
+    tests copy this file instead."""
+    path = tmp_path_factory.mktemp("template") / "empty.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def fresh_store(empty_db, path) -> str:
+    """Copy the empty store to ``path`` and return its tracking URI."""
+    shutil.copyfile(empty_db, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, empty_db):
+    """Two methods (experiments ``cimd`` and ``prob_unet``), two evaluated runs each, one run on another
+    dataset and one training-only run."""
+    root = tmp_path_factory.mktemp("store")
+    uri = fresh_store(empty_db, root / "mlruns.db")
+    client = mlflow.MlflowClient(uri)
+    artifacts = (root / "mlruns").as_uri()
+    ids = {}
+    for method in BASE:
+        experiment_id = client.create_experiment(method, artifact_location=artifacts)
+        for run in range(2):
+            tables = {n: per_image_table(method, run, n) for n in naming.DEFAULT_SAMPLE_COUNTS}
+            ids[(method, run)] = make_run(client, experiment_id, f"{method}_{run}", tables)
+    other = client.get_experiment_by_name("cimd").experiment_id
+    ids["other_dataset"] = make_run(client, other, "lidc_run", {4: per_image_table("cimd", 5, 4)}, dataset="lidc")
+    ids["training_only"] = make_run(client, other, "train_only")
+    return {"uri": uri, "root": root, "ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------- naming
+
+
+def test_metric_key_round_trip_and_bad_names():
+    assert naming.evaluation_metric_key("max_dice_matching", 16) == "test_n16_max_dice_matching"
+    assert naming.parse_evaluation_metric_key("test_n16_max_dice_matching") == ("max_dice_matching", 16)
+    assert naming.parse_evaluation_metric_key("train_loss") is None
+    assert naming.parse_evaluation_metric_key("val_n4_ged") is None
+    assert naming.per_image_csv_name(4) == "n4_per_image.csv"
+    assert naming.parse_per_image_csv_name("n4_per_image.csv") == 4
+    assert naming.parse_per_image_csv_name("eval/per_image_n16.csv") == 16
+    assert naming.parse_per_image_csv_name("n4_summary.json") is None
+    with pytest.raises(ValueError, match="num_samples"):
+        naming.evaluation_metric_key("ged", 0)
+    with pytest.raises(ValueError, match="metric name"):
+        naming.evaluation_metric_key("GED n", 4)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def test_flatten_config_keys_values_and_limits():
+    config = {
+        "_meta_": {"version": "1"},
+        "lr": 1e-4,
+        "network_def": {"_target_": "Net", "channels": [32, 64], "norm": None, "amp": True},
+        "empty": {},
+        "train#handlers": "@x",
+        "long": "y" * 7000,
+    }
+    flat = flatten_config(config)
+    assert flat["lr"] == "0.0001"
+    assert flat["network_def.channels.0"] == "32" and flat["network_def.channels.1"] == "64"
+    assert flat["network_def.norm"] == "null" and flat["network_def.amp"] == "true"
+    assert flat["network_def._target_"] == "Net" and flat["empty"] == "{}"
+    assert flat["train_handlers"] == "@x"  # '#' is not allowed in MLflow names
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("[truncated]")
+    assert not any(k.startswith("_meta_") for k in flat)
+    assert flatten_config({"a": {"b": 1}}, prefix="config") == {"config.a.b": "1"}
+    with pytest.raises(ValueError, match="mapping"):
+        flatten_config(["not", "a", "dict"])
+
+
+def test_datalist_hash_ignores_formatting_and_sees_content(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "datalist.json").write_text(json.dumps({"name": "x", "training": [1, 2]}))
+    (tmp_path / "b" / "datalist.json").write_text(json.dumps({"training": [1, 2], "name": "x"}, indent=4))
+    assert datalist_sha256(tmp_path / "a") == datalist_sha256(tmp_path / "b" / "datalist.json")
+    (tmp_path / "b" / "datalist.json").write_text(json.dumps({"name": "x", "training": [2, 1]}))
+    assert datalist_sha256(tmp_path / "a") != datalist_sha256(tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="datalist.json"):
+        datalist_sha256(tmp_path / "missing")
+
+
+def test_summarise_per_image_means_and_bad_tables():
+    frame = pd.DataFrame({"case_id": ["a", "b", "c"], "ged": [0.1, 0.2, np.nan], "ci": [1.0, 0.0, 0.5]})
+    summary = summarise_per_image(frame, 4)
+    assert summary == pytest.approx({"test_n4_ged": 0.15, "test_n4_ci": 0.5})
+    with pytest.raises(ValueError, match="case_id"):
+        summarise_per_image(frame.drop(columns="case_id"), 4)
+    with pytest.raises(ValueError, match="not numeric"):
+        summarise_per_image(frame.assign(ci=["x", "y", "z"]), 4)
+    with pytest.raises(ValueError, match="no rows"):
+        summarise_per_image(frame.iloc[:0], 4)
+
+
+def test_log_provenance_params_tags_config(tmp_path, small_demo_dataset, empty_db):
+    uri = fresh_store(empty_db, tmp_path / "p.db")
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("cimd", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_param(run_id, "max_epochs", "3")  # logged by MLFlowHandler (resolved value): no collision
+    config = {"max_epochs": "$@epochs", "epochs": 3, "optimizer": {"lr": 0.001}}
+    tags = log_provenance(client, run_id, config, small_demo_dataset, bundle="cimd", run_kind="training")
+    run = client.get_run(run_id)
+    assert run.data.params == {"max_epochs": "3", "config.max_epochs": "$@epochs", "config.epochs": "3", "config.optimizer.lr": "0.001"}
+    assert run.data.tags[naming.TAG_DATASET] == "demo"
+    assert run.data.tags[naming.TAG_DATALIST_SHA256] == datalist_sha256(small_demo_dataset) == tags[naming.TAG_DATALIST_SHA256]
+    assert run.data.tags[naming.TAG_BUNDLE] == "cimd" and run.data.tags[naming.TAG_RUN_KIND] == "training"
+    assert run.data.tags[naming.TAG_CODE_VERSION].startswith("0.1.0")
+    logged = json.loads(open(client.download_artifacts(run_id, "config/executed_config.json", str(tmp_path))).read())
+    assert logged == config
+    with pytest.raises(ValueError, match="run_kind"):
+        log_provenance(client, run_id, run_kind="nonsense")
+
+
+def test_provenance_handler_logs_into_the_mlflow_handler_run(tmp_path, small_demo_dataset, empty_db):
+    uri = fresh_store(empty_db, tmp_path / "h.db")
+    config_file = tmp_path / "train.json"
+    config_file.write_text(json.dumps({"lr": 0.01, "network_def": {"channels": [4, 8]}}))
+    mlflow_handler = MLFlowHandler(tracking_uri=uri, experiment_name="cimd", close_on_complete=True,
+                                   output_transform=lambda out: out["loss"])
+    provenance = ProvenanceHandler(config=str(config_file), dataset_dir=small_demo_dataset,
+                                   mlflow_handler=mlflow_handler, bundle="cimd", run_kind="training")
+    engine = Engine(lambda e, batch: {"loss": float(batch)})
+    provenance.attach(engine)  # attached before the MLflow handler: the run is started by provenance
+    mlflow_handler.attach(engine)
+    engine.run([1.0, 0.5], max_epochs=2)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cimd").experiment_id])
+    assert run.data.params["config.lr"] == "0.01" and run.data.params["config.network_def.channels.1"] == "8"
+    assert run.data.params["max_epochs"] == "2"
+    assert run.data.tags[naming.TAG_DATASET] == "demo" and run.data.tags[naming.TAG_BUNDLE] == "cimd"
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "config")] == ["config/executed_config.json"]
+    with pytest.raises(FileNotFoundError, match="not_here"):
+        ProvenanceHandler(config=str(tmp_path / "not_here.json"))
+
+
+def test_executed_config_from_argv_applies_overrides(tmp_path):
+    base, overlay = tmp_path / "train.json", tmp_path / "overlay.json"
+    base.write_text(json.dumps({"lr": 0.1, "net": {"channels": 4}, "epochs": 2}))
+    overlay.write_text(json.dumps({"epochs": 5}))
+    argv = ["run", "training", "--config_file", f"['{base}', '{overlay}']", "--lr", "0.5", "--net#channels", "8"]
+    assert executed_config_from_argv(argv) == {"lr": 0.5, "net": {"channels": 8}, "epochs": 5}
+    assert executed_config_from_argv(["run"]) is None
+
+
+# --------------------------------------------------------------------------------------------- table
+
+
+def test_table_mean_std_hand_computed(store):
+    client = mlflow.MlflowClient(store["uri"])
+    runs = select_runs(client, RunSelection(dataset="demo"))
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    frame = evaluation_frame(runs, names)
+    assert len(frame) == 2 * 2 * 2  # methods x runs x N; the training-only run has no evaluation row
+    table = comparison_table(frame).set_index(["method", "num_samples"])
+    # cimd, N=4: run means of GED are 0.1 + 0.3 = 0.4 and 0.5 -> mean 0.45, sample std 0.0707
+    assert table.loc[("cimd", 4), "ged_mean"] == pytest.approx(0.45)
+    assert table.loc[("cimd", 4), "ged_std"] == pytest.approx(math.sqrt(0.005))
+    assert table.loc[("prob_unet", 16), "ged_mean"] == pytest.approx(0.3 + 0.3 + 0.05 + 0.05)
+    assert (table["n_runs"] == 2).all()
+    assert format_mean_std(0.5, float("nan")) == "0.500" and format_mean_std(float("nan"), 0.1) == "–"
+
+
+def test_markdown_marks_best_per_metric(store):
+    client = mlflow.MlflowClient(store["uri"])
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    table = comparison_table(evaluation_frame(select_runs(client, RunSelection(dataset="demo")), names))
+    markdown = table_to_markdown(table, ["ged", "ci"])
+    lines = markdown.strip().splitlines()
+    assert lines[0] == "| Method | N | Runs | GED ↓ | CI ↑ |"
+    # GED: cimd is lower (better); CI = GED / 3 + 0.01: prob_unet is higher (better)
+    assert lines[2] == "| cimd | 4 | 2 | **0.450 ± 0.071** | 0.160 ± 0.024 |"
+    assert lines[4] == "| prob_unet | 4 | 2 | 0.650 ± 0.071 | **0.227 ± 0.024** |"
+
+
+def test_selection_errors_name_the_problem(store):
+    client = mlflow.MlflowClient(store["uri"])
+    with pytest.raises(ValueError, match=r"no experiment named \['phiseg'\].*cimd"):
+        select_runs(client, RunSelection(experiments=["phiseg"]))
+    with pytest.raises(ValueError, match="no run matches"):
+        select_runs(client, RunSelection(dataset="qubiq"))
+    with pytest.raises(ValueError, match="no run with id"):
+        select_runs(client, RunSelection(run_ids=["0" * 32]))
+    only = select_runs(client, RunSelection(run_ids=[store["ids"][("cimd", 1)]]))
+    assert [r.info.run_name for r in only] == ["cimd_1"]
+    training_only = select_runs(client, RunSelection(run_ids=[store["ids"]["training_only"]]))
+    with pytest.raises(ValueError, match="test_n16_ged"):
+        comparison_table(evaluation_frame(training_only, {}))
+
+
+# ------------------------------------------------------------------------------------- whole report
+
+
+def test_compare_runs_matches_per_image_csvs_and_logs_report(store, tmp_path):
+    report = compare_runs(store["uri"], RunSelection(dataset="demo"), tmp_path / "out")
+    client = mlflow.MlflowClient(store["uri"])
+    # recompute every cell from the per-image CSV artifacts: mean over images, then mean/std over runs
+    per_run = []
+    for key, run_id in store["ids"].items():
+        if isinstance(key, tuple):
+            images = load_per_image_metrics(client, run_id)
+            means = images.drop(columns="case_id").groupby("num_samples").mean().reset_index()
+            per_run.append(means.assign(method=key[0]))
+    expected = pd.concat(per_run).groupby(["method", "num_samples"])
+    table = report.table.set_index(["method", "num_samples"])
+    for metric in METRICS:
+        np.testing.assert_allclose(table[f"{metric}_mean"], expected[metric].mean().loc[table.index], rtol=1e-12)
+        np.testing.assert_allclose(table[f"{metric}_std"], expected[metric].std().loc[table.index], rtol=1e-9)
+    for part in ("markdown", "table_csv", "runs_csv", "bars", "vs_samples", "curves"):
+        assert report.files[part].is_file(), part
+        if report.files[part].suffix == ".png":
+            assert report.files[part].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(report.files["table_csv"]).shape == (4, 3 + 2 * len(METRICS))
+    assert sorted(report.curves["key"].unique()) == ["train_loss"]
+    assert "![Training curves](training_curves.png)" in report.markdown
+    logged = client.get_run(report.comparison_run_id)
+    assert logged.data.tags[naming.TAG_RUN_KIND] == "comparison"
+    assert set(logged.data.tags[naming.TAG_COMPARED_RUNS].split(",")) == {v for k, v in store["ids"].items() if k != "other_dataset"}
+    artifacts = {f.path for f in client.list_artifacts(report.comparison_run_id, "report")}
+    assert {"report/comparison.md", "report/comparison.csv", "report/metrics_bar.png"} <= artifacts
+    # the comparison experiment is not itself compared by a later default selection
+    comparisons = client.get_experiment_by_name(naming.COMPARISON_EXPERIMENT).experiment_id
+    assert comparisons not in {r.info.experiment_id for r in select_runs(client, RunSelection())}
+
+
+def test_cli_compare(store, tmp_path, capsys):
+    out = tmp_path / "cli"
+    status = cli.main(["compare", "--tracking-uri", store["uri"], "--experiment", "cimd", "--tag", "ambiseg.dataset=demo",
+                       "--samples", "16", "--metrics", "ged,ci", "--out", str(out), "--no-log"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| cimd | 16 | 2 | 0.500 ± 0.071 | 0.177 ± 0.024 |" in printed
+    assert "prob_unet" not in printed.split("## ")[0]
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["num_samples"]) == [16] and list(table.columns) == ["method", "num_samples", "n_runs", "ged_mean", "ged_std", "ci_mean", "ci_std"]
+    assert cli.main(["compare", "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out", str(out)]) == 1
+    assert "no MLflow store" in capsys.readouterr().err
+    assert cli.main(["compare", "--tracking-uri", store["uri"], "--tag", "novalue", "--out", str(out)]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["compare", "--tracking-uri", store["uri"], "--metrics", "ged,dice", "--out", str(out)]) == 1
+    assert "unknown metric names ['dice']" in capsys.readouterr().err
+    assert cli.main(["compare", "--tracking-uri", store["uri"], "--metrics", "s_ncc", "--out", str(out)]) == 1
+    assert "have no final evaluation metrics ['s_ncc'] (run metrics named like 'test_n16_s_ncc')" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- fallback and sync
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_probe_and_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert probe_tracking_uri(f"sqlite:///{tmp_path}/x.db") is None
+    assert "does not exist" in probe_tracking_uri(f"sqlite:///{tmp_path}/missing/x.db")
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path}/x.db") == f"sqlite:///{tmp_path}/x.db"
+    with pytest.raises(ValueError, match="file store"):
+        resolve_tracking_uri(str(tmp_path / "mlruns"))
+    down = f"http://127.0.0.1:{_closed_port()}"
+    assert "no answer" in probe_tracking_uri(down, timeout=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    with pytest.warns(TrackingServerUnreachableWarning, match="ambiseg_monai.reporting.sync"):
+        uri = resolve_tracking_uri(timeout=1)
+    assert uri == "sqlite:///mlruns-offline.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # MLFlowHandler reads the variable first
+    note = (tmp_path / pending_sync_file(uri)).read_text()
+    assert f"--to {down}" in note and f"sqlite:///{tmp_path}/mlruns-offline.db" in note
+
+
+def test_unreachable_server_training_continues_then_syncs(tmp_path, monkeypatch, empty_db, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    down = f"http://127.0.0.1:{_closed_port()}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        uri = resolve_tracking_uri(down, offline_uri=f"sqlite:///{tmp_path}/offline.db", timeout=1)
+    assert any(issubclass(w.category, TrackingServerUnreachableWarning) for w in caught)
+    assert uri == fresh_store(empty_db, tmp_path / "offline.db")  # (a store that exists already, to save time)
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="cimd", close_on_complete=True,
+                            output_transform=lambda out: out["loss"])
+    engine = Engine(lambda e, b: {"loss": float(b)})
+    handler.attach(engine)
+    ran = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ran.append(e.state.epoch))
+    engine.run([1.0, 0.5, 0.25], max_epochs=2)
+    assert ran == [1, 2]  # training went on
+    offline = mlflow.MlflowClient(uri)
+    (run,) = offline.search_runs([offline.get_experiment_by_name("cimd").experiment_id])
+    log = tmp_path / "log.txt"
+    log.write_text("hello")
+    offline.log_artifact(run.info.run_id, str(log), "notes")
+    # import into the "server" (here another SQLite store); a second sync copies nothing twice
+    target = fresh_store(empty_db, tmp_path / "server.db")
+    (synced,) = sync_runs(uri, target)
+    assert synced.copied and synced.experiment == "cimd"
+    assert sync_main(argparse.Namespace(source=uri, destination=target, experiment=None)) == 0
+    assert capsys.readouterr().out.strip() == "cimd: 0 run(s) copied, 1 already present"
+    server = mlflow.MlflowClient(target)
+    copy = server.get_run(synced.destination_run_id)
+    assert copy.data.tags[naming.TAG_SYNCED_FROM] == run.info.run_id and copy.info.status == "FINISHED"
+    assert copy.info.run_name == run.info.run_name
+    assert [m.value for m in server.get_metric_history(copy.info.run_id, "Loss")] == [
+        m.value for m in offline.get_metric_history(run.info.run_id, "Loss")] and len(server.get_metric_history(copy.info.run_id, "Loss")) == 6
+    assert copy.data.params == run.data.params
+    assert open(server.download_artifacts(copy.info.run_id, "notes/log.txt", str(tmp_path))).read() == "hello"
+    with pytest.raises(ValueError, match="same store"):
+        sync_runs(uri, uri)
