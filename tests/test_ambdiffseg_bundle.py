@@ -108,8 +108,9 @@ def test_ablation_overlays_change_one_component(overlay):
 
 
 def _mlflow_runs(tmp_path: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    return mlflow.search_runs(experiment_names=["ambdiffseg"], output_format="list")
+    # a client, not mlflow.set_tracking_uri: that would redirect every later MLFlowHandler of the session
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    return client.search_runs([client.get_experiment_by_name("ambdiffseg").experiment_id])
 
 
 @pytest.fixture(scope="module")

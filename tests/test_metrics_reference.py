@@ -3,17 +3,14 @@ to 1e-6 on random inputs, including empty masks, padded rater stacks and every o
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reference_metrics as ref  # noqa: E402
-
-from ambiseg_monai.metrics import (  # noqa: E402
+# The repository root is on sys.path (pytest.ini: pythonpath = .); putting benchmarks/ itself there
+# would let benchmarks/preprocessing.py shadow the preprocessing package.
+from benchmarks import reference_metrics as ref
+from ambiseg_monai.metrics import (
     CONSENSUS_PAPER_THRESHOLDS,
     METRIC_NAMES,
     ambiguous_segmentation_metrics,
