@@ -1,8 +1,11 @@
 """Diffusion core: discrete schedulers (respaced DDPM/DDIM), the Improved-DDPM VLB, the sampling loop."""
 
+from ambiseg_monai.diffusion.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler, ContinuousVPSchedule
 from ambiseg_monai.diffusion.gaussian import GaussianChain, discretized_gaussian_log_likelihood, normal_kl
 from ambiseg_monai.diffusion.losses import HybridDiffusionLoss, vlb_term
+from ambiseg_monai.diffusion.parameterization import DiffusionParameterization
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion, sample_seed
+from ambiseg_monai.diffusion.weighting import LossWeighting
 from ambiseg_monai.diffusion.schedulers import (
     RespacedDDIMScheduler,
     RespacedDDPMScheduler,
@@ -11,6 +14,11 @@ from ambiseg_monai.diffusion.schedulers import (
 )
 
 __all__ = [
+    "ContinuousDDIMScheduler",
+    "ContinuousDDPMScheduler",
+    "ContinuousVPSchedule",
+    "DiffusionParameterization",
+    "LossWeighting",
     "GaussianChain",
     "HybridDiffusionLoss",
     "RespacedDDIMScheduler",

@@ -9,14 +9,24 @@ from ambiseg_monai.engines.bundle_helpers import (
 )
 from ambiseg_monai.engines.inferers import (
     DiffusionSamplingInferer,
+    PerImageSeedingInferer,
     DiffusionTrainingInferer,
     mask_to_symmetric,
     sample_statistics,
 )
 from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
+from ambiseg_monai.engines.consensus import ConsensusSamplingInferer, UnpackPredictiond
+from ambiseg_monai.engines.continuous_training import ContinuousDiffusionTrainingInferer, WarmupConstantCosine
+from ambiseg_monai.engines.latent_models import (
+    LatentSampleInferer,
+    LatentTrainingInferer,
+    PHiSegELBOLoss,
+    ProbUNetELBOLoss,
+)
 
 __all__ = [
     "DiffusionSamplingInferer",
+    "PerImageSeedingInferer",
     "DiffusionTrainingInferer",
     "DiffusionTrainingPrepareBatch",
     "SamplingPrepareBatch",
@@ -27,4 +37,12 @@ __all__ = [
     "padded_rater_count",
     "prepare_dataset",
     "use_amp",
+    "ConsensusSamplingInferer",
+    "UnpackPredictiond",
+    "ContinuousDiffusionTrainingInferer",
+    "WarmupConstantCosine",
+    "LatentSampleInferer",
+    "LatentTrainingInferer",
+    "PHiSegELBOLoss",
+    "ProbUNetELBOLoss",
 ]

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion
+from ambiseg_monai.engines.inferers import PerImageSeedingInferer
 from ambiseg_monai.networks.denoisers import unwrap_network
 
 __all__ = [
@@ -93,7 +93,7 @@ def combine_consensus_samples(samples: torch.Tensor, majority_vote: bool = False
     return {"pred": masks, "level_maps": level_maps, "pred_soft": consensus_soft_map(level_maps)}
 
 
-class ConsensusSamplingInferer(Inferer):
+class ConsensusSamplingInferer(PerImageSeedingInferer):
     """Soft consensus maps by reverse diffusion: ``__call__(inputs, network) -> dict`` (see below).
 
     For each image, C slots (consensus levels, or rater ids / unconditional slots in the ablations) x
@@ -167,21 +167,6 @@ class ConsensusSamplingInferer(Inferer):
         self.max_rows = None if max_rows is None else int(max_rows)
         self.return_samples = bool(return_samples)
         self.progress = progress
-        self._images_seen = 0
-
-    def reset_counter(self) -> None:
-        """Restart the running image count used as the image key when no ``image_ids`` are given."""
-        self._images_seen = 0
-
-    def _image_keys(self, batch: int, image_ids: Sequence | None) -> list[int | str]:
-        if image_ids is None:
-            keys: list[int | str] = list(range(self._images_seen, self._images_seen + batch))
-        else:
-            keys = [i if isinstance(i, str) else int(i) for i in image_ids]
-            if len(keys) != batch:
-                raise ValueError(f"got {len(keys)} image_ids for a batch of {batch} images.")
-        self._images_seen += batch
-        return keys
 
     def _to_values(self, x0: torch.Tensor) -> torch.Tensor:
         """rows x mask_channels x H x W in [-1, 1] -> rows x H x W in [0, 1] (first mask channel)."""

@@ -121,7 +121,36 @@ class DiffusionTrainingInferer(Inferer):
         return result
 
 
-class DiffusionSamplingInferer(Inferer):
+class PerImageSeedingInferer(Inferer):
+    """Base of the N-sample inferers: the key that seeds each image's samples.
+
+    Every (image, sample) pair gets its own random stream seeded from ``(seed, image key, n)`` (see
+    :mod:`ambiseg_monai.diffusion.sampler`), so a mask does not depend on the other images of its
+    batch. The image key is the ``image_ids`` entry passed to ``__call__`` (case ids or dataset
+    positions) or, without ids, a running count of the images this inferer has seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._images_seen = 0
+
+    def reset_counter(self) -> None:
+        """Restart the running image count used as the image key when no ``image_ids`` are given."""
+        self._images_seen = 0
+
+    def _image_keys(self, batch: int, image_ids: Sequence | None) -> list[int | str]:
+        """The B image keys of this call (and advance the running count)."""
+        if image_ids is None:
+            keys: list[int | str] = list(range(self._images_seen, self._images_seen + batch))
+        else:
+            keys = [i if isinstance(i, str) else int(i) for i in image_ids]
+            if len(keys) != batch:
+                raise ValueError(f"{type(self).__name__}: got {len(keys)} image_ids for a batch of {batch} images.")
+        self._images_seen += batch
+        return keys
+
+
+class DiffusionSamplingInferer(PerImageSeedingInferer):
     """N masks per image by reverse diffusion: ``__call__(inputs, network) -> B x N x H x W`` in {0, 1}.
 
     The condition is encoded once per image (``network.encode_condition``) and the N samples of the
@@ -170,21 +199,6 @@ class DiffusionSamplingInferer(Inferer):
         self.return_stats = return_stats
         self.max_rows = max_rows
         self.progress = progress
-        self._images_seen = 0
-
-    def reset_counter(self) -> None:
-        """Restart the running image count used as the image key when no ``image_ids`` are given."""
-        self._images_seen = 0
-
-    def _image_keys(self, batch: int, image_ids: Sequence | None) -> list[int | str]:
-        if image_ids is None:
-            keys: list[int | str] = list(range(self._images_seen, self._images_seen + batch))
-        else:
-            keys = [i if isinstance(i, str) else int(i) for i in image_ids]
-            if len(keys) != batch:
-                raise ValueError(f"got {len(keys)} image_ids for a batch of {batch} images.")
-        self._images_seen += batch
-        return keys
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]

@@ -26,7 +26,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from ambiseg_monai.diffusion.sampler import make_generators
-from ambiseg_monai.engines.inferers import sample_statistics
+from ambiseg_monai.engines.inferers import PerImageSeedingInferer, sample_statistics
 from ambiseg_monai.networks.denoisers import unwrap_network
 
 __all__ = ["LatentTrainingInferer", "ProbUNetELBOLoss", "PHiSegELBOLoss", "LatentSampleInferer"]
@@ -224,7 +224,7 @@ class PHiSegELBOLoss(_LatentELBOLoss):
         return self._finish(terms)
 
 
-class LatentSampleInferer(Inferer):
+class LatentSampleInferer(PerImageSeedingInferer):
     """N-sample inferer for latent-variable models: ``__call__(inputs, network) -> B x N x H x W`` in {0, 1}.
 
     Latents are drawn from the network's **prior** (``network.sample(inputs, N, generators)``; the posterior,
@@ -251,20 +251,9 @@ class LatentSampleInferer(Inferer):
         self.num_samples = int(num_samples)
         self.seed = None if seed is None else int(seed)
         self.return_stats = bool(return_stats)
-        self._images_seen = 0
-
-    def reset_counter(self) -> None:
-        """Restart the running image count used as the image key when no ``image_ids`` are given."""
-        self._images_seen = 0
 
     def _generators(self, batch: int, image_ids: Sequence | None) -> list[torch.Generator] | None:
-        if image_ids is None:
-            keys: list[int | str] = list(range(self._images_seen, self._images_seen + batch))
-        else:
-            keys = [i if isinstance(i, str) else int(i) for i in image_ids]
-            if len(keys) != batch:
-                raise ValueError(f"LatentSampleInferer: got {len(keys)} image_ids for a batch of {batch} images.")
-        self._images_seen += batch
+        keys = self._image_keys(batch, image_ids)
         return None if self.seed is None else make_generators(self.seed, keys, self.num_samples)
 
     @torch.no_grad()

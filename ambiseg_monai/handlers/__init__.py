@@ -52,3 +52,7 @@ from ambiseg_monai.handlers.mlflow_logging import MLflowMetricsLogger
 from ambiseg_monai.handlers.result_writers import NiftiSampleWriter, PerImageMetricsWriter
 
 __all__ += ["MLflowMetricsLogger", "NiftiSampleWriter", "PerImageMetricsWriter"]
+from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler
+from ambiseg_monai.handlers.provenance import ProvenanceHandler
+
+__all__ += ["GenerationCurveHandler", "ProvenanceHandler"]

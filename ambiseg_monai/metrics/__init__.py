@@ -50,3 +50,18 @@ __all__ = [
     "QUBIQ_THRESHOLDS",
     "CONSENSUS_PAPER_THRESHOLDS",
 ]
+
+# metrics against a known (finite, weighted) true rater distribution, e.g. the demo dataset's stored truth
+from ambiseg_monai.metrics.truth import (  # noqa: E402
+    empty_fraction,
+    generalized_energy_distance_to_truth,
+    mode_frequency_error,
+    sampled_mode_frequencies,
+)
+
+__all__ += [
+    "generalized_energy_distance_to_truth",
+    "sampled_mode_frequencies",
+    "mode_frequency_error",
+    "empty_fraction",
+]

@@ -1,0 +1,146 @@
+"""Metrics against a *known* rater distribution: a finite set of candidate masks with probabilities.
+
+The demo dataset stores, per image, the K candidate masks ("modes", K x H x W) the raters draw from and
+their probabilities (summing to 1). With that truth a method can be scored against the distribution
+itself instead of against a handful of rater draws:
+
+- :func:`generalized_energy_distance_to_truth`: GED with ``d = 1 - IoU`` where the expectations over the
+  true distribution are probability-weighted sums over the modes,
+  ``GED = 2 Σ_k p_k mean_n d(Ŷ_n, Y_k) - mean_{n,n'} d(Ŷ_n, Ŷ_n') - Σ_{k,l} p_k p_l d(Y_k, Y_l)``
+  (the biased form, i = j pairs included, as :func:`~ambiseg_monai.metrics.generalized_energy_distance`).
+- :func:`sampled_mode_frequencies` / :func:`mode_frequency_error`: assign every sample to the mode it
+  overlaps best (IoU) and compare the modes' sampled frequencies with their true probabilities.
+- :func:`empty_fraction`: the (probability-weighted) fraction of empty masks, for samples and for the truth.
+
+Modes may be padded (images with fewer modes): give them probability 0 and ``mode_mask`` False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ambiseg_monai.metrics.inputs import check_binary_stack, check_rater_mask, check_same_geometry
+from ambiseg_monai.metrics.pairwise import MaskSetOverlaps
+
+__all__ = [
+    "generalized_energy_distance_to_truth",
+    "sampled_mode_frequencies",
+    "mode_frequency_error",
+    "empty_fraction",
+]
+
+
+def _check_probabilities(probabilities: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor) -> torch.Tensor:
+    """B x K probabilities as float64; they must be >= 0, 0 on padded modes and sum to 1 per image."""
+    probabilities = torch.as_tensor(probabilities, device=modes.device).to(torch.float64)
+    if probabilities.shape != modes.shape[:2]:
+        raise ValueError(
+            f"probabilities: expected shape B x K = {tuple(modes.shape[:2])} (one per mode), got {tuple(probabilities.shape)}."
+        )
+    if not bool(torch.isfinite(probabilities).all()) or bool((probabilities < 0).any()):
+        raise ValueError("probabilities: values must be finite and non-negative.")
+    if bool((probabilities[~mode_mask] > 0).any()):
+        raise ValueError("probabilities: padded modes (mode_mask False) must have probability 0.")
+    sums = probabilities.sum(1)
+    if not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4)):
+        raise ValueError(f"probabilities: each image's probabilities must sum to 1, got sums {sums.tolist()}.")
+    return probabilities
+
+
+def _overlaps(preds: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor | None) -> MaskSetOverlaps:
+    preds = check_binary_stack(preds, "preds")
+    modes = check_binary_stack(modes, "modes")
+    check_same_geometry(preds, modes)
+    return MaskSetOverlaps.from_masks(preds, modes, check_rater_mask(mode_mask, modes))
+
+
+def generalized_energy_distance_to_truth(
+    preds: torch.Tensor,
+    modes: torch.Tensor,
+    probabilities: torch.Tensor,
+    mode_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GED (``d = 1 - IoU``) between the predicted samples and a weighted finite true distribution.
+
+    Args:
+        preds: B x N x H x W binary samples.
+        modes: B x K x H x W binary candidate masks of the true distribution.
+        probabilities: B x K probabilities of the modes (sum to 1 per image; 0 on padding).
+        mode_mask: optional B x K bool marking real modes.
+
+    Returns:
+        B float64 tensor (0 when the samples are exactly the true distribution with N -> inf).
+    """
+    overlaps = _overlaps(preds, modes, mode_mask)
+    p = _check_probabilities(probabilities, modes, overlaps.rater_mask)
+    cross = ((1 - overlaps.iou_pred_rater()).mean(1) * p).sum(1)  # Σ_k p_k mean_n d(Ŷ_n, Y_k)
+    preds_term = (1 - overlaps.iou_pred_pred()).mean((1, 2))
+    truth_term = torch.einsum("bk,bkl,bl->b", p, 1 - overlaps.iou_rater_rater(), p)
+    return 2 * cross - preds_term - truth_term
+
+
+def sampled_mode_frequencies(
+    preds: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor | None = None, min_iou: float = 0.0
+) -> torch.Tensor:
+    """Fraction of the samples assigned to each mode (the mode with the highest IoU; ties: the first).
+
+    A sample whose best IoU is not above ``min_iou`` matches no mode (e.g. a non-empty blob that
+    overlaps nothing), so the frequencies of an image sum to at most 1. An empty sample matches an
+    empty mode with IoU 1 (two empty masks are identical).
+
+    Args:
+        preds: B x N x H x W binary samples.
+        modes: B x K x H x W binary candidate masks.
+        mode_mask: optional B x K bool marking real modes (padded modes never receive samples).
+        min_iou: a sample needs a best IoU strictly above this to be counted.
+
+    Returns:
+        B x K float64 frequencies.
+    """
+    overlaps = _overlaps(preds, modes, mode_mask)
+    iou = overlaps.iou_pred_rater().masked_fill(~overlaps.rater_mask[:, None, :], -1.0)  # B x N x K
+    best_iou, best = iou.max(dim=2)
+    assigned = torch.nn.functional.one_hot(best, iou.shape[2]).to(torch.float64) * (best_iou > min_iou)[..., None]
+    return assigned.mean(1)
+
+
+def mode_frequency_error(
+    preds: torch.Tensor,
+    modes: torch.Tensor,
+    probabilities: torch.Tensor,
+    mode_mask: torch.Tensor | None = None,
+    min_iou: float = 0.0,
+) -> torch.Tensor:
+    """Absolute error ``|f_k - p_k|`` of each mode's sampled frequency against its true probability.
+
+    Args: as :func:`sampled_mode_frequencies`, plus ``probabilities`` (B x K, sum to 1 per image).
+
+    Returns:
+        B x K float64 errors (0 on padded modes). Their sum over K is twice the total-variation
+        distance when every sample matches a mode.
+    """
+    overlaps = _overlaps(preds, modes, mode_mask)
+    p = _check_probabilities(probabilities, modes, overlaps.rater_mask)
+    return (sampled_mode_frequencies(preds, modes, mode_mask, min_iou) - p).abs() * overlaps.rater_mask
+
+
+def empty_fraction(masks: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) fraction of empty masks per image.
+
+    Args:
+        masks: B x K x H x W binary masks (samples, or the true modes).
+        weights: optional B x K non-negative weights (the modes' probabilities); default uniform.
+
+    Returns:
+        B float64 tensor: ``Σ_k w_k [mask k empty] / Σ_k w_k``.
+    """
+    masks = check_binary_stack(masks, "masks")
+    empty = (~masks.flatten(2).any(2)).to(torch.float64)  # B x K
+    if weights is None:
+        return empty.mean(1)
+    weights = torch.as_tensor(weights, device=masks.device).to(torch.float64)
+    if weights.shape != empty.shape:
+        raise ValueError(f"weights: expected shape B x K = {tuple(empty.shape)}, got {tuple(weights.shape)}.")
+    if bool((weights < 0).any()) or bool((weights.sum(1) <= 0).any()):
+        raise ValueError("weights: must be non-negative with a positive sum per image.")
+    return (empty * weights).sum(1) / weights.sum(1)
