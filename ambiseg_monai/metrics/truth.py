@@ -35,7 +35,8 @@ def _check_probabilities(probabilities: torch.Tensor, modes: torch.Tensor, mode_
     probabilities = torch.as_tensor(probabilities, device=modes.device).to(torch.float64)
     if probabilities.shape != modes.shape[:2]:
         raise ValueError(
-            f"probabilities: expected shape B x K = {tuple(modes.shape[:2])} (one per mode), got {tuple(probabilities.shape)}."
+            f"probabilities: expected shape B x K = {tuple(modes.shape[:2])} (one per mode), "
+            f"got {tuple(probabilities.shape)}."
         )
     if not bool(torch.isfinite(probabilities).all()) or bool((probabilities < 0).any()):
         raise ValueError("probabilities: values must be finite and non-negative.")

@@ -1,0 +1,72 @@
+"""Run the benchmark suite and collect every script's printout into one Markdown report.
+
+Each benchmark stays its own script (one concern each); this runs them one after the other as
+subprocesses with their default (CPU-sized) settings, or the full GPU settings with ``--full``, and
+writes a report with the date, the device and the command of each run.
+
+    python benchmarks/run_all.py --out benchmark_report.md            # CPU defaults (about 20-30 min)
+    python benchmarks/run_all.py --full --out benchmark_report.md     # GPU sizes
+    python benchmarks/run_all.py --only sampling_methods training     # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# script -> extra arguments of the full-size (GPU) run
+SUITE = {
+    "sampling": ["--image-size", "128", "--steps", "25", "--images", "4"],
+    "sampling_methods": ["--timed-steps", "1000"],
+    "training": ["--image-size", "128", "--epochs", "5"],
+    "metrics": [],
+    "preprocessing": ["--image-size", "512", "512", "--padding-slices", "60"],
+    "quality": ["--epochs", "500", "--samples", "1000", "--compare-samples", "200", "--compare-images", "16"],
+}
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SUITE), default=list(SUITE))
+    parser.add_argument("--full", action="store_true", help="full-size settings (GPU)")
+    parser.add_argument("--out", default="benchmark_report.md")
+    return parser.parse_args()
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"CUDA {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available)"
+
+
+def main() -> None:
+    args = _parse()
+    sections = [
+        "# Benchmark report",
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device_name()}; "
+        f"torch {torch.__version__}; settings: {'full' if args.full else 'CPU defaults'}",
+    ]
+    for name in args.only:
+        command = [sys.executable, str(HERE / f"{name}.py"), *(SUITE[name] if args.full else [])]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        shown = " ".join(["python", f"benchmarks/{name}.py", *command[2:]])
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        status = "" if done.returncode == 0 else f" (FAILED, exit {done.returncode}: {done.stderr.strip()[-500:]})"
+        sections += [f"## {name}{status}", f"`{shown}` ({elapsed:.0f} s)", "", *lines, ""]
+        print(f"{name}: {elapsed:.0f} s{status}", flush=True)
+    Path(args.out).write_text("\n".join(sections) + "\n")
+    print(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Sampling throughput of every method: official CIMD loop vs paper setting vs our fast setting.
+
+Masks per second for N = 16 samples of one image (default 128 x 128), with each bundle's own network
+(``bundles/<method>/configs/train.json``, untrained: speed does not depend on the weights):
+
+- ``official loop`` (CIMD only): a re-creation of improved-diffusion's ``p_sample_loop`` as the
+  official CIMD code runs it: one sample per call (batch 1), all 1000 ancestral steps, the network
+  fed the raw image at every step (``network(x, t, image=image)``), fresh device noise per step.
+- ``paper``: the method's published sampler setting through our batched inferer (CIMD and consensus
+  diffusion: 1000 DDPM steps; AmbDiffSeg: 10 steps; Prob. U-Net / PHiSeg: one ``sample`` call per mask).
+- ``fast``: our setting: all N masks in one batch, the image encoded once, respaced steps (CIMD 25,
+  consensus 20, AmbDiffSeg 10), and on CUDA fp16 autocast + channels-last.
+
+Long chains are timed on their first ``--timed-steps`` steps and extrapolated linearly (every step
+of a chain costs the same: one network call plus one scheduler step); the printout says so.
+``sampler overhead`` is the fast setting's time beyond the same number of bare network forward
+passes on the same batch (the goal is < 10 %).
+
+    python benchmarks/sampling_methods.py                       # CPU default: 10 timed steps
+    python benchmarks/sampling_methods.py --timed-steps 1000    # full chains (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from ambiseg_monai.diffusion.sampler import make_generators, repeat_rows
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+# (paper steps, fast steps) per diffusion method
+DIFFUSION_STEPS = {"cimd": (1000, 25), "ambdiffseg": (10, 10), "consensus_diffusion": (1000, 20)}
+LATENT = ("prob_unet", "phiseg")
+METHODS = (*DIFFUSION_STEPS, *LATENT)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--timed-steps", type=int, default=10, help="steps timed per long chain (then extrapolated)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is kept)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Best of ``repeats`` wall-clock runs (the least disturbed by other processes on a shared machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def load_method(method: str, device: torch.device) -> ConfigParser:
+    """The bundle's training config with the device set (network, schedulers, inferers are read from it)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
+    parser["device"] = f"$torch.device('{device}')"
+    parser["num_raters"] = 4  # the demo's rater count; avoids generating a dataset for a speed test
+    return parser
+
+
+def _autocast(device: torch.device, fast: bool):
+    if fast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def official_cimd_loop(network, scheduler, image: torch.Tensor, num_samples: int, steps: int) -> None:
+    """improved-diffusion's p_sample_loop, one sample per call, the first ``steps`` of 1000 steps."""
+    scheduler.set_timesteps(scheduler.num_train_timesteps, device=image.device)
+    for _ in range(num_samples):
+        x = torch.randn(1, 1, *image.shape[2:], device=image.device)
+        for t in scheduler.timesteps[:steps]:
+            out = network(x, torch.full((1,), int(t), device=image.device), image=image)
+            x, _ = scheduler.step(out, t, x, noise=torch.randn_like(x))
+
+
+def _diffusion_inferer(method: str, parser: ConfigParser, num_samples: int, steps: int):
+    if method == "consensus_diffusion":
+        parser["consensus_inferer#num_generations"] = max(1, num_samples // 4)
+        parser["consensus_inferer#num_inference_steps"] = steps
+        parser["consensus_inferer#return_samples"] = False
+        return parser.get_parsed_content("consensus_inferer", lazy=False)
+    parser["validate#inferer#num_samples"] = num_samples
+    parser["validate#inferer#num_inference_steps"] = steps
+    return parser.get_parsed_content("validate#inferer", lazy=False)
+
+
+def bare_forward_time(
+    network, inferer, image: torch.Tensor, num_samples: int, steps: int, method: str, repeats: int
+) -> float:
+    """Seconds of ``steps`` network calls on the fast setting's batch (no scheduler, no noise draws)."""
+    model = getattr(network, "module", network)
+    cond = repeat_rows(model.encode_condition(image), num_samples)
+    x = torch.randn(num_samples, 1, *image.shape[2:], device=image.device)
+    labels = torch.arange(num_samples, device=image.device) % 4 if method == "consensus_diffusion" else None
+    timesteps = inferer.scheduler.timesteps
+
+    def run() -> None:
+        for i in range(steps):
+            network(x, timesteps[i % len(timesteps)].reshape(1).expand(num_samples), cond=cond, class_labels=labels)
+
+    run()  # warm-up
+    return _timed(run, image.device, repeats)
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n, size, r = args.num_samples, args.image_size, args.repeats
+    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
+          f"threads={torch.get_num_threads()} N={n} size={size} timed_steps={args.timed_steps}")  # fmt: skip
+    image = torch.randn(1, 1, size, size, device=device)
+    rows = []
+    official_rate = None
+    for method in args.methods:
+        torch.manual_seed(0)
+        parser = load_method(method, device)
+        network = parser.get_parsed_content("network").eval()
+        if method in LATENT:
+            inferer = parser.get_parsed_content("validate#inferer", lazy=False)
+            one = type(inferer)(num_samples=1, seed=0)
+            batched = type(inferer)(num_samples=n, seed=0)
+            with torch.no_grad():
+                batched(image, network, image_ids=["warm"])
+                paper_s = _timed(lambda: [one(image, network, image_ids=[f"s{i}"]) for i in range(n)], device, r)
+                fast_s = _timed(lambda: batched(image, network, image_ids=["x"]), device, r)
+            rows.append((method, "paper (1 mask per call)", n / paper_s, ""))
+            rows.append((method, "fast (N masks in 1 call)", n / fast_s, f"{paper_s / fast_s:.1f}x vs paper"))
+            continue
+        paper_steps, fast_steps = DIFFUSION_STEPS[method]
+        if method == "cimd":
+            scheduler = parser.get_parsed_content("sampling_scheduler")
+            timed = min(args.timed_steps, 1000)
+            with torch.no_grad():
+                official_cimd_loop(network, scheduler, image, 1, 2)  # warm-up
+                seconds = _timed(lambda: official_cimd_loop(network, scheduler, image, n, timed), device, r)
+            official_rate = n / (seconds * 1000 / timed)
+            rows.append((method, f"official loop (1000 steps, batch 1; {timed} timed)", official_rate, "1.0x"))
+        # paper setting through our batched inferer (long chains: timed prefix, extrapolated)
+        timed = min(args.timed_steps, paper_steps)
+        paper = _diffusion_inferer(method, parser, n, timed)
+        with torch.no_grad():
+            paper(image, network, image_ids=["warm"])
+            seconds = _timed(lambda: paper(image, network, image_ids=["x"]), device, r) * paper_steps / timed
+        paper_rate = n / seconds
+        note = f"{paper_rate / official_rate:.1f}x vs official" if method == "cimd" else ""
+        rows.append((method, f"paper ({paper_steps} steps, batched; {timed} timed)", n / seconds, note))
+        # our fast setting
+        fast = _diffusion_inferer(method, load_method(method, device), n, fast_steps)
+        if device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last)
+        with torch.no_grad(), _autocast(device, True):
+            fast(image, network, image_ids=["warm"])
+            fast_s = _timed(lambda: fast(image, network, image_ids=["x"]), device, r)
+            bare_s = bare_forward_time(network, fast, image, n, fast_steps, method, r)
+        note = f"{(n / fast_s) / official_rate:.0f}x vs official, " if method == "cimd" else ""
+        note += f"{(n / fast_s) / paper_rate:.1f}x vs paper; "
+        note += f"sampler overhead {100 * (fast_s - bare_s) / bare_s:.1f}%"
+        rows.append((method, f"fast ({fast_steps} steps, batched{', AMP+CL' if device.type == 'cuda' else ''})", n / fast_s, note))
+    print("| method | setting | masks/s | ratio |")
+    print("|---|---|---|---|")
+    for method, setting, rate, note in rows:
+        print(f"| {method} | {setting} | {rate:.3g} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Training throughput (iterations/s) and peak memory per method, with and without AMP / channels-last,
+against the data loader alone (it must not be the bottleneck).
+
+Each method's own ``SupervisedTrainer`` is built from ``bundles/<method>/configs/train.json`` on the demo
+dataset (only epochs, ``amp`` and the memory format are changed; no handlers), run for
+``--epochs`` epochs, and timed over the iterations after the first epoch (warm-up). The loader row
+iterates ``train#dataloader`` alone (loading, rater selection, collation) for the same number of batches.
+
+Settings: ``fp32`` (contiguous); ``fp32+CL`` (channels-last weights); on CUDA also ``AMP`` and
+``AMP+CL`` (fp16 autocast + GradScaler, the bundles' default on GPU). Peak memory is CUDA's
+``max_memory_allocated`` (on CPU: not measured, shown as -).
+
+    python benchmarks/training.py                                   # CPU: 32 px demo, 3 epochs
+    python benchmarks/training.py --image-size 128 --epochs 5       # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from ambiseg_monai.data.demo import ensure_demo_dataset
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--image-size", type=int, default=32, help="demo image size")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per setting (the first is warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dataset-dir", default=None, help="demo dataset (generated if missing)")
+    return parser.parse_args()
+
+
+def _settings(device: torch.device) -> list[tuple[str, bool, bool]]:
+    """(name, amp, channels_last)."""
+    base = [("fp32", False, False), ("fp32+CL", False, True)]
+    return base + ([("AMP", True, False), ("AMP+CL", True, True)] if device.type == "cuda" else [])
+
+
+def _parser(method: str, dataset_dir: str, output_dir: str, epochs: int, amp: bool) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
+    parser.update({"dataset_dir": dataset_dir, "demo_dir": dataset_dir, "output_dir": output_dir,
+                   "max_epochs": epochs, "amp": amp})  # fmt: skip
+    parser["train#trainer#train_handlers"] = []
+    return parser
+
+
+def iterations_per_second(trainer) -> float:
+    """Run the trainer; iterations/s over every epoch after the first (warm-up)."""
+    marks: list[float] = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: marks.append(time.perf_counter()))
+    trainer.run()
+    per_epoch = trainer.state.epoch_length
+    return per_epoch * (len(marks) - 1) / (marks[-1] - marks[0])
+
+
+def loader_batches_per_second(loader, batches: int) -> float:
+    """Batches/s of the loader alone (one warm-up pass over it first)."""
+    for _ in loader:
+        pass
+    start, count = time.perf_counter(), 0
+    while count < batches:
+        for _ in loader:
+            count += 1
+            if count >= batches:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset_dir = ensure_demo_dataset(args.dataset_dir or f"{tmp}/demo", image_size=args.image_size)
+        for method in args.methods:
+            for name, amp, channels_last in _settings(device):
+                torch.manual_seed(0)
+                parser = _parser(method, dataset_dir, f"{tmp}/{method}", args.epochs, amp)
+                network = parser.get_parsed_content("network")
+                # the bundles move the network to channels-last on CUDA; undo/apply it per setting
+                network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                trainer = parser.get_parsed_content("train#trainer")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                rate = iterations_per_second(trainer)
+                peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
+                rows.append((method, name, rate, peak))
+                print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", flush=True)
+            loader = parser.get_parsed_content("train#dataloader")
+            batches = trainer.state.epoch_length * (args.epochs - 1)
+            loader_rate = loader_batches_per_second(loader, batches)
+            fastest = max(r[2] for r in rows if r[0] == method)
+            rows.append((method, "loader alone", loader_rate, f"{loader_rate / fastest:.0f}x the fastest training"))
+    print(f"\ndevice={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
+          f"threads={args.threads} image_size={args.image_size} epochs={args.epochs} (first is warm-up)")  # fmt: skip
+    print("| method | setting | it/s (loader: batches/s) | peak MiB / note |")
+    print("|---|---|---|---|")
+    for method, name, rate, extra in rows:
+        print(f"| {method} | {name} | {rate:.2f} | {extra} |")
+
+
+if __name__ == "__main__":
+    main()
