@@ -133,7 +133,10 @@ def s_ncc_from_counts(
     device = counts.device
     # histogram[b, j, k, y]: pixels of image b with k foreground samples and rater j's value y
     offsets = torch.arange(batch * num_raters, dtype=index_dtype, device=device).view(batch, num_raters, 1)
-    index = offsets * (2 * levels) + (2 * counts)[:, None] + raters.reshape(batch, num_raters, num_pixels)
+    # built in place in one B x M x P buffer: the index is the largest tensor of the whole suite
+    index = raters.reshape(batch, num_raters, num_pixels).to(index_dtype)
+    index += (2 * counts)[:, None]
+    index += offsets * (2 * levels)
     histogram = torch.bincount(index.flatten(), minlength=num_bins)
     histogram = histogram.view(batch, num_raters, levels, 2).to(torch.float64)
     on_rater = histogram[..., 1]  # B x M x (N+1)

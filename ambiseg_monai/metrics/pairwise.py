@@ -51,15 +51,16 @@ def _counts_int8(
     preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B x K x K Gram, B x P prediction count, B x P real-rater count) from B x N x P / B x M x P bool masks."""
-    num_preds = preds.shape[1]
-    masks = torch.cat([preds, raters], dim=1).view(torch.int8)  # bool -> int8 is a free reinterpretation
+    batch, num_preds = preds.shape[:2]
     # Per image, row 0 sums the predictions and row 1 the real raters: both per-pixel counts in one product.
-    selectors = torch.zeros(masks.shape[0], 2, masks.shape[1], dtype=torch.int8)
+    selectors = torch.zeros(batch, 2, num_preds + raters.shape[1], dtype=torch.int8)
     selectors[:, 0, :num_preds] = 1
     selectors[:, 1, num_preds:] = rater_mask.to(torch.int8)
     grams, counts = [], []
-    for image in range(masks.shape[0]):  # one product per image: there is no batched int8 product
-        rows = masks[image]
+    for image in range(batch):  # one product per image: there is no batched int8 product
+        # joining one image's masks at a time stays in cache (a whole-batch concatenation does not);
+        # bool -> int8 is a free reinterpretation
+        rows = torch.cat([preds[image], raters[image]]).view(torch.int8)
         grams.append(torch._int_mm(rows, rows.t()))
         counts.append(torch._int_mm(selectors[image], rows))
     counts = torch.stack(counts)
