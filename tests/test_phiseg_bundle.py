@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
+from _bundle_runner import mlflow_runs, run_bundle, run_bundle_here
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from ambiseg_monai.data.nifti import load_channel_first_nifti
@@ -48,35 +47,15 @@ def _overrides(dataset_dir: str, root: Path, **extra) -> dict:
 
 
 def _run(config_files: list[str], run_id: str, overrides: dict, cwd: Path) -> ConfigWorkflow:
-    """``python -m monai.bundle run <run_id>`` in-process, from ``cwd`` (where runs/ and mlruns.db go)."""
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return _run_here(config_files, run_id, overrides)
-    finally:
-        os.chdir(previous)
+    return run_bundle(CONFIGS, config_files, run_id, overrides, cwd)
 
 
 def _run_here(config_files: list[str], run_id: str, overrides: dict) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=config_files,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        run_id=run_id,
-        workflow_type=None,
-        **overrides,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    return workflow
+    return run_bundle_here(CONFIGS, config_files, run_id, overrides)
 
 
 def _runs(root: Path, experiment: str = "phiseg") -> list:
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment '{experiment}'"
-    return client.search_runs([exp.experiment_id])
+    return mlflow_runs(root, experiment)
 
 
 @pytest.fixture(scope="module")
