@@ -139,7 +139,13 @@ class ContinuousVPSchedule:
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 coefficients -> B x 1 x ... x 1 in ``like``'s dtype and device."""
+    """(B,) float64 coefficients -> B x 1 x ... x 1 in ``like``'s dtype and device.
+
+    One coefficient on the CPU (a sampling step: one time for every row) stays a 0-dim CPU tensor,
+    which PyTorch passes to a CUDA kernel as a scalar: no host-to-device copy per step.
+    """
+    if values.numel() == 1 and values.device.type == "cpu":
+        return values.reshape(()).to(dtype=like.dtype)
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -30,6 +30,7 @@ class GaussianChain:
         posterior_log_variance_clipped: ``log β̃_i`` with the first step's 0 replaced by ``β̃_1``
             (Improved DDPM's choice, so the log stays finite; also the lower end of "learned range").
         posterior_mean_coef_x0, posterior_mean_coef_xt: ``μ̃_i = c0 x_0 + ct x_i``.
+        log_betas: ``log β_i`` (the upper end of "learned range").
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
@@ -44,23 +45,29 @@ class GaussianChain:
         self.posterior_log_variance_clipped = torch.log(torch.cat([first_nonzero.reshape(1), self.posterior_variance[1:]]))
         self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * (1.0 - self.betas).sqrt() / (1.0 - abar)
+        self.log_betas = self.betas.log()
 
     def __len__(self) -> int:
         return self.alphas_cumprod.numel()
 
     @staticmethod
     def gather(values: torch.Tensor, index: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        """``values[index]`` cast to ``like``'s dtype/device and shaped to broadcast against it.
+        """``values[index]`` in ``like``'s dtype, shaped to broadcast against ``like``.
 
         Args:
-            values: 1-D per-step tensor.
-            index: a step index, or a (B,) tensor of step indices (one per batch row).
+            values: 1-D per-step tensor (on the CPU).
+            index: a step index (sampling: one step for the whole batch), or a (B,) tensor of step
+                indices (training: one per batch row).
             like: B x C x H x W tensor the result is combined with.
+
+        Returns:
+            for an int index a 0-dim CPU tensor: PyTorch passes it to a CUDA kernel as a scalar
+            argument, so a sampling step copies nothing to the device; for a tensor index a
+            B x 1 x ... x 1 tensor on ``index``'s device.
         """
-        index = torch.as_tensor(index, device=values.device, dtype=torch.long)
-        out = values[index].to(device=like.device, dtype=like.dtype)
-        if out.ndim == 0:
-            return out
+        if not isinstance(index, torch.Tensor) or (index.ndim == 0 and index.device.type == "cpu"):
+            return values[int(index)].to(dtype=like.dtype)
+        out = values.to(device=index.device)[index.long()].to(dtype=like.dtype)
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 
     def posterior_mean(self, x0: torch.Tensor, xt: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
@@ -86,7 +93,7 @@ class GaussianChain:
         chain, so a respaced chain uses its own (respaced) β and β̃.
         """
         min_log = self.gather(self.posterior_log_variance_clipped, index, values)
-        max_log = self.gather(self.betas.log(), index, values)
+        max_log = self.gather(self.log_betas, index, values)
         frac = (values + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log
 

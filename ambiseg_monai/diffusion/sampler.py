@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["sample_seed", "make_generators", "repeat_rows", "take_rows", "reverse_diffusion"]
+__all__ = ["sample_seed", "make_generators", "draw_noise", "repeat_rows", "take_rows", "reverse_diffusion"]
 
 
 def sample_seed(seed: int, image_key: int | str, sample_index: int) -> int:
@@ -76,10 +76,24 @@ def take_rows(value: Any, rows: slice) -> Any:
     raise TypeError(f"cannot select batch rows of a {type(value).__name__}")
 
 
-def _draw(generators: Sequence[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    # one draw per row from the row's own generator (on CPU: identical on every device)
-    noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
-    return noise.to(device=like.device, dtype=like.dtype)
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Standard-normal rows x ``shape`` noise, row i drawn from ``generators[i]`` on the CPU, on ``like``'s device.
+
+    Drawing on the CPU makes a mask's noise identical on every device and batching. Each row is
+    drawn straight into its slice of one buffer (no stacking copy); for a CUDA target the buffer is
+    pinned and copied asynchronously, so the host does not wait for the device's queued work (a
+    pageable copy would block until the previous step's network call has finished).
+    """
+    pinned = like.device.type == "cuda"
+    buffer = torch.empty((len(generators), *shape), pin_memory=pinned)
+    for row, generator in zip(buffer, generators):
+        torch.randn(tuple(shape), generator=generator, out=row)
+    return buffer.to(device=like.device, dtype=like.dtype, non_blocking=pinned)
+
+
+def sampling_timesteps(scheduler) -> list:
+    """The scheduler's timesteps as Python numbers (one device read per chain instead of one per step)."""
+    return scheduler.timesteps.tolist()
 
 
 @torch.no_grad()
@@ -95,6 +109,9 @@ def reverse_diffusion(
     reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain for ``len(generators)`` rows and return the final x_0 estimate.
+
+    Per step the loop does one network call, one scheduler step and one host-to-device copy (the
+    rows' noise); it never reads a device value back, so on a GPU the host runs ahead of the device.
 
     Args:
         network: ``network(x_t, timesteps, cond=..., class_labels=...) -> B x C' x H x W``.
@@ -114,11 +131,12 @@ def reverse_diffusion(
     like = reference if reference is not None else torch.zeros(())
     like = like.float() if not like.is_floating_point() else like
     if num_inference_steps is not None:
-        scheduler.set_timesteps(int(num_inference_steps), device=like.device)
+        scheduler.set_timesteps(int(num_inference_steps))  # timesteps stay on the CPU: the loop needs their values
     rows = len(generators)
-    x = _draw(generators, sample_shape, like)
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        t_batch = torch.as_tensor(t, device=like.device).reshape(1).expand(rows)
+    timestep_dtype = scheduler.timesteps.dtype
+    x = draw_noise(generators, sample_shape, like)
+    for t in tqdm(sampling_timesteps(scheduler), desc="sampling", disable=not progress, leave=False):
+        t_batch = torch.full((rows,), t, dtype=timestep_dtype, device=like.device)
         model_output = network(x, t_batch, cond=cond, class_labels=class_labels)
-        x, _ = scheduler.step(model_output.to(x.dtype), t, x, noise=_draw(generators, sample_shape, like))
+        x, _ = scheduler.step(model_output.to(x.dtype), t, x, noise=draw_noise(generators, sample_shape, like))
     return x

@@ -196,7 +196,7 @@ class ConsensusSamplingInferer(PerImageSeedingInferer):
         image_of_row = torch.arange(batch, device=inputs.device).repeat_interleave(per_image)
         slot_of_row = torch.arange(levels, device=inputs.device).repeat(batch * generations)
         if self.num_inference_steps is not None:
-            self.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
+            self.scheduler.set_timesteps(int(self.num_inference_steps))  # CPU timesteps: no device read per step
         sample_shape = (self.mask_channels, *inputs.shape[2:])
         reference = inputs if inputs.is_floating_point() else inputs.float()
         chunk = self.max_rows or rows

@@ -217,7 +217,7 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         cond_rows = repeat_rows(unwrap_network(network).encode_condition(inputs), n)
         label_rows = repeat_rows(class_labels, n)
         if self.num_inference_steps is not None:
-            self.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
+            self.scheduler.set_timesteps(int(self.num_inference_steps))  # CPU timesteps: no device read per step
         sample_shape = (self.mask_channels, *inputs.shape[2:])
         rows, chunk = batch * n, self.max_rows or batch * n
         reference = inputs if inputs.is_floating_point() else inputs.float()
