@@ -55,13 +55,16 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=200, help="samples per test image")
     parser.add_argument("--images", type=int, default=16, help="test images scored")
     parser.add_argument("--steps", type=int, default=25, help="respaced sampling steps (diffusion methods)")
-    parser.add_argument("--compare-steps", type=int, default=1000,
-                        help="CIMD only: also sample with this many steps (the paper's 1000) to check the fast "
-                        "setting loses no GED (0: skip)")
+    parser.add_argument("--compare-steps", nargs="*", default=["ddpm:1000", "ddpm:25"], metavar="SAMPLER:STEPS",
+                        help="CIMD only: also sample the same network with each of these settings (ddpm or ddim, "
+                        "respaced steps) to check the fast setting loses no GED against the paper's ddpm:1000 "
+                        "(none: skip)")
     parser.add_argument("--compare-images", type=int, default=4, help="test images for the steps comparison")
     parser.add_argument("--compare-samples", type=int, default=32, help="samples per image for the steps comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the table rows to this JSON file")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="reuse <dir>/<method>.pt instead of training when it exists; else train and save it there")
     return parser.parse_args()
 
 
@@ -138,18 +141,58 @@ def truth_draws(item: dict, samples: int, seed: int = 0) -> torch.Tensor:
     return item["modes"][picks]
 
 
+def parse_sampler_setting(spec: str) -> tuple[str, int]:
+    """``"ddim:25"`` -> ("ddim", 25); the sampler is ``ddpm`` (ancestral, learned range) or ``ddim`` (eta 0)."""
+    sampler, _, steps = spec.partition(":")
+    if sampler not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"a sampler setting is 'ddpm:STEPS' or 'ddim:STEPS' with STEPS >= 1, got {spec!r}.")
+    return sampler, int(steps)
+
+
+def use_sampler(parser: ConfigParser, sampler: str) -> None:
+    """Point the CIMD bundle's ``sampling_scheduler`` at the respaced DDPM or DDIM scheduler (same schedule)."""
+    config = dict(parser["sampling_scheduler"])
+    config.pop("variance_type", None)
+    if sampler == "ddim":
+        config["_target_"] = "ambiseg_monai.diffusion.schedulers.RespacedDDIMScheduler"
+    else:
+        config["_target_"] = "ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler"
+        config["variance_type"] = "learned_range"
+    parser["sampling_scheduler"] = config
+
+
 def compare_steps(parser: ConfigParser, network: torch.nn.Module, items: list[dict], args) -> list[dict]:
-    """CIMD rows at the paper's step count and at the fast one, same network, images and sample count."""
+    """CIMD rows for each ``--compare-steps`` setting: same network, images, sample count and seeds."""
     rows = []
-    for steps in (args.compare_steps, args.steps):
+    for sampler, steps in map(parse_sampler_setting, args.compare_steps):
+        use_sampler(parser, sampler)
         parser["validate#inferer#num_samples"] = args.compare_samples
         parser["validate#inferer#num_inference_steps"] = steps
         start = time.perf_counter()
         scores = [score(sample_method("cimd", parser, network, item, args.compare_samples), item) for item in items]
-        rows.append({"method": f"cimd, {steps} steps ({args.compare_samples} samples x {len(items)} images)",
-                     **_mean_scores(scores), "sample_s": time.perf_counter() - start})  # fmt: skip
+        label = f"cimd, {sampler.upper()} {steps} steps ({args.compare_samples} samples x {len(items)} images)"
+        rows.append({"method": label, **_mean_scores(scores), "sample_s": time.perf_counter() - start})
         print(rows[-1], flush=True)
+    use_sampler(parser, "ddpm")
     return rows
+
+
+def train_or_load(method: str, parser: ConfigParser, checkpoint_dir: str | None) -> tuple[torch.nn.Module, dict]:
+    """The bundle's network after the training budget (or loaded from ``checkpoint_dir``) and the training row."""
+    network = parser.get_parsed_content("network")
+    saved = Path(checkpoint_dir) / f"{method}.pt" if checkpoint_dir else None
+    if saved is not None and saved.exists():
+        stored = torch.load(saved, map_location=next(network.parameters()).device)
+        network.load_state_dict(stored["network"])
+        return network.eval(), stored["row"]
+    trainer = parser.get_parsed_content("train#trainer")
+    start = time.perf_counter()
+    trainer.run()
+    row = {"iterations": trainer.state.iteration, "train_s": time.perf_counter() - start}
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"network": network.state_dict(), "row": row}, saved)
+    return network.eval(), row
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -168,16 +211,10 @@ def main() -> None:
         for method in args.methods:
             torch.manual_seed(0)
             parser = _configure(method, dataset_dir, f"{tmp}/{method}", args.epochs, args.samples, args.steps)
-            trainer = parser.get_parsed_content("train#trainer")
-            start = time.perf_counter()
-            trainer.run()
-            train_s = time.perf_counter() - start
-            network = parser.get_parsed_content("network").eval()
+            network, train_row = train_or_load(method, parser, args.checkpoint_dir)
             start = time.perf_counter()
             scores = [score(sample_method(method, parser, network, item, args.samples), item) for item in items]
-            sample_s = time.perf_counter() - start
-            row = {"method": method, **_mean_scores(scores), "iterations": trainer.state.iteration,
-                   "train_s": train_s, "sample_s": sample_s}  # fmt: skip
+            row = {"method": method, **_mean_scores(scores), **train_row, "sample_s": time.perf_counter() - start}
             table.append(row)
             print(f"{method}: {row}", flush=True)
             if method == "cimd" and args.compare_steps:

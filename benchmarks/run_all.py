@@ -1,10 +1,10 @@
 """Run the benchmark suite and collect every script's printout into one Markdown report.
 
 Each benchmark stays its own script (one concern each); this runs them one after the other as
-subprocesses with their default (CPU-sized) settings, or the full GPU settings with ``--full``, and
-writes a report with the date, the device and the command of each run.
+subprocesses with reduced CPU settings (about an hour on 2 CPU cores), or the full-size GPU
+settings with ``--full``, and writes a report with the date, the device and the command of each run.
 
-    python benchmarks/run_all.py --out benchmark_report.md            # CPU defaults (about 20-30 min)
+    python benchmarks/run_all.py --out benchmark_report.md            # reduced CPU settings
     python benchmarks/run_all.py --full --out benchmark_report.md     # GPU sizes
     python benchmarks/run_all.py --only sampling_methods training     # a subset
 """
@@ -22,16 +22,20 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-# script -> extra arguments of the full-size (GPU) run
+# script -> (arguments of the reduced CPU run, arguments of the full-size GPU run)
 SUITE = {
-    "sampling": ["--image-size", "128", "--steps", "25", "--images", "4"],
-    "sampling_methods": ["--timed-steps", "1000"],
-    "training": ["--image-size", "128", "--epochs", "5"],
-    "metrics": [],
-    "preprocessing": ["--image-size", "512", "512", "--padding-slices", "60"],
-    "quality": ["--epochs", "500", "--samples", "1000", "--compare-samples", "200", "--compare-images", "16"],
+    "sampling": (["--image-size", "64", "--images", "2", "--threads", "1"],
+                 ["--image-size", "128", "--steps", "25", "--images", "4"]),
+    "sampling_methods": (["--image-size", "64", "--timed-steps", "5", "--repeats", "2", "--threads", "1"],
+                         ["--timed-steps", "1000"]),
+    "sampler_overhead": (["--image-size", "64", "--repeats", "3", "--threads", "1"], ["--repeats", "10"]),
+    "training": (["--epochs", "3", "--threads", "1"], ["--image-size", "128", "--epochs", "5"]),
+    "metrics": ([], []),
+    "preprocessing": ([], ["--image-size", "512", "512", "--padding-slices", "60"]),
+    "quality": (["--epochs", "30", "--samples", "64", "--images", "16", "--compare-images", "2",
+                 "--compare-samples", "16", "--threads", "1"],
+                ["--epochs", "500", "--samples", "1000", "--compare-samples", "200", "--compare-images", "16"]),
 }
-
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,10 +56,10 @@ def main() -> None:
     sections = [
         "# Benchmark report",
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device_name()}; "
-        f"torch {torch.__version__}; settings: {'full' if args.full else 'CPU defaults'}",
+        f"torch {torch.__version__}; settings: {'full (GPU)' if args.full else 'reduced (CPU)'}",
     ]
     for name in args.only:
-        command = [sys.executable, str(HERE / f"{name}.py"), *(SUITE[name] if args.full else [])]
+        command = [sys.executable, str(HERE / f"{name}.py"), *SUITE[name][1 if args.full else 0]]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         elapsed = time.perf_counter() - start

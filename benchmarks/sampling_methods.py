@@ -85,11 +85,11 @@ def _autocast(device: torch.device, fast: bool):
 
 def official_cimd_loop(network, scheduler, image: torch.Tensor, num_samples: int, steps: int) -> None:
     """improved-diffusion's p_sample_loop, one sample per call, the first ``steps`` of 1000 steps."""
-    scheduler.set_timesteps(scheduler.num_train_timesteps, device=image.device)
+    scheduler.set_timesteps(scheduler.num_train_timesteps)
     for _ in range(num_samples):
         x = torch.randn(1, 1, *image.shape[2:], device=image.device)
-        for t in scheduler.timesteps[:steps]:
-            out = network(x, torch.full((1,), int(t), device=image.device), image=image)
+        for t in scheduler.timesteps[:steps].tolist():  # improved-diffusion iterates Python ints
+            out = network(x, torch.full((1,), t, device=image.device), image=image)
             x, _ = scheduler.step(out, t, x, noise=torch.randn_like(x))
 
 
