@@ -141,12 +141,29 @@ def truth_draws(item: dict, samples: int, seed: int = 0) -> torch.Tensor:
     return item["modes"][picks]
 
 
-def parse_sampler_setting(spec: str) -> tuple[str, int]:
-    """``"ddim:25"`` -> ("ddim", 25); the sampler is ``ddpm`` (ancestral, learned range) or ``ddim`` (eta 0)."""
-    sampler, _, steps = spec.partition(":")
-    if sampler not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"a sampler setting is 'ddpm:STEPS' or 'ddim:STEPS' with STEPS >= 1, got {spec!r}.")
-    return sampler, int(steps)
+def parse_sampler_setting(spec: str) -> tuple[str, int, bool]:
+    """``"ddim:25"`` -> ("ddim", 25, False); ``"ddpm:25:amp"`` also runs the network under autocast.
+
+    The sampler is ``ddpm`` (ancestral, learned range) or ``ddim`` (eta 0); ``amp`` is bfloat16 autocast
+    on the CPU and float16 on CUDA (the scheduler arithmetic stays float32).
+    """
+    parts = spec.split(":")
+    sampler, steps, precision = (parts + ["", ""])[:3]
+    if (
+        len(parts) > 3
+        or sampler not in ("ddpm", "ddim")
+        or not steps.isdigit()
+        or int(steps) < 1
+        or precision not in ("", "amp")
+    ):
+        raise ValueError(f"a sampler setting is 'ddpm:STEPS' or 'ddim:STEPS' (STEPS >= 1), optionally ':amp'; got {spec!r}.")
+    return sampler, int(steps), precision == "amp"
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision for the network calls: bfloat16 on the CPU, float16 on CUDA."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def use_sampler(parser: ConfigParser, sampler: str) -> None:
@@ -164,13 +181,16 @@ def use_sampler(parser: ConfigParser, sampler: str) -> None:
 def compare_steps(parser: ConfigParser, network: torch.nn.Module, items: list[dict], args) -> list[dict]:
     """CIMD rows for each ``--compare-steps`` setting: same network, images, sample count and seeds."""
     rows = []
-    for sampler, steps in map(parse_sampler_setting, args.compare_steps):
+    device = next(network.parameters()).device
+    for sampler, steps, amp in map(parse_sampler_setting, args.compare_steps):
         use_sampler(parser, sampler)
         parser["validate#inferer#num_samples"] = args.compare_samples
         parser["validate#inferer#num_inference_steps"] = steps
         start = time.perf_counter()
-        scores = [score(sample_method("cimd", parser, network, item, args.compare_samples), item) for item in items]
-        label = f"cimd, {sampler.upper()} {steps} steps ({args.compare_samples} samples x {len(items)} images)"
+        with autocast(device, amp):
+            scores = [score(sample_method("cimd", parser, network, item, args.compare_samples), item) for item in items]
+        precision = ", AMP" if amp else ""
+        label = f"cimd, {sampler.upper()} {steps} steps{precision} ({args.compare_samples} samples x {len(items)} images)"
         rows.append({"method": label, **_mean_scores(scores), "sample_s": time.perf_counter() - start})
         print(rows[-1], flush=True)
     use_sampler(parser, "ddpm")

@@ -17,6 +17,7 @@ Settings: ``fp32`` (contiguous); ``fp32+CL`` (channels-last weights); on CUDA al
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def main() -> None:
                 rate = iterations_per_second(trainer)
                 peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
                 rows.append((method, name, rate, peak))
-                print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", flush=True)
+                print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", file=sys.stderr, flush=True)  # progress; the table goes to stdout
             loader = parser.get_parsed_content("train#dataloader")
             batches = trainer.state.epoch_length * (args.epochs - 1)
             loader_rate = loader_batches_per_second(loader, batches)

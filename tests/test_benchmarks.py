@@ -22,9 +22,10 @@ def test_every_run_all_setting_is_accepted_by_its_script(script, monkeypatch):
 
 
 def test_sampler_settings_parse_and_bad_ones_are_named():
-    assert quality.parse_sampler_setting("ddim:25") == ("ddim", 25)
-    assert quality.parse_sampler_setting("ddpm:1000") == ("ddpm", 1000)
-    for bad in ("ddim", "euler:10", "ddpm:0", "ddpm:x"):
+    assert quality.parse_sampler_setting("ddim:25") == ("ddim", 25, False)
+    assert quality.parse_sampler_setting("ddpm:1000") == ("ddpm", 1000, False)
+    assert quality.parse_sampler_setting("ddpm:25:amp") == ("ddpm", 25, True)
+    for bad in ("ddim", "euler:10", "ddpm:0", "ddpm:x", "ddpm:25:fp8"):
         with pytest.raises(ValueError, match=bad):
             quality.parse_sampler_setting(bad)
 
