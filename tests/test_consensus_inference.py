@@ -181,6 +181,18 @@ def test_inferer_rejects_bad_settings():
         ConsensusSamplingInferer(_x0_scheduler(), num_levels=2, num_generations=1)(
             torch.zeros(2, 1, 2, 2), _StripDenoiser(), image_ids=["only-one"]
         )
+    with pytest.raises(ValueError, match="'int8'"):
+        ConsensusSamplingInferer(_x0_scheduler(), num_levels=2, autocast_dtype="int8")
+
+
+def test_inferer_autocast_gives_the_same_level_masks():
+    # the stub's exact +-1 masks survive bf16, so mixed precision must not change any row's mask
+    inferer = ConsensusSamplingInferer(
+        _x0_scheduler(), num_levels=3, num_generations=2, num_inference_steps=3, autocast_dtype="bfloat16"
+    )
+    out = inferer(torch.zeros(1, 1, 2, 4), _StripDenoiser(), image_ids=["a"])
+    for level in range(3):
+        torch.testing.assert_close(out["pred"][0, level], (torch.arange(4) <= level).float().expand(2, 4))
 
 
 # ------------------------------------------------------------------------------ generation curve

@@ -100,3 +100,41 @@ def test_wrong_image_channels_give_a_clear_error(tiny_denoiser):
     inferer = DiffusionSamplingInferer(RespacedDDIMScheduler(num_train_timesteps=10), num_samples=1, num_inference_steps=2)
     with pytest.raises(ValueError, match="image has 3 channel"):
         inferer(torch.zeros(1, 3, 8, 8), tiny_denoiser)
+
+
+class _PrecisionRecorder(torch.nn.Module):
+    """Wraps a denoiser and records the dtype its first convolution computes in at each call."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.seen = network, []
+
+    def encode_condition(self, images):
+        return self.network.encode_condition(images)
+
+    def forward(self, x, t, cond=None, class_labels=None):
+        self.seen.append(torch.nn.functional.conv2d(x, torch.ones(1, x.shape[1], 1, 1)).dtype)
+        return self.network(x, t, cond=cond, class_labels=class_labels)
+
+
+def test_autocast_runs_the_network_in_bfloat16_and_the_scheduler_in_float32(tiny_denoiser, images):
+    scheduler = RespacedDDPMScheduler(num_train_timesteps=50, variance_type="learned_range")
+    recorder = _PrecisionRecorder(tiny_denoiser)
+    mixed = DiffusionSamplingInferer(scheduler, num_samples=3, num_inference_steps=4, seed=7, autocast_dtype="bfloat16")
+    masks = mixed(images, recorder, image_ids=["c1", "c2"])
+    assert recorder.seen == [torch.bfloat16] * 4  # every step's network call, and only those
+    assert masks.dtype == torch.float32 and masks.shape == (2, 3, 8, 8)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    recorder.seen.clear()
+    full = DiffusionSamplingInferer(scheduler, num_samples=3, num_inference_steps=4, seed=7)(
+        images, recorder, image_ids=["c1", "c2"]
+    )
+    assert recorder.seen == [torch.float32] * 4
+    # bf16 rounding moves a few pixels near the threshold at most; the samples are the same draws
+    assert (masks != full).float().mean() < 0.1
+
+
+def test_unknown_autocast_dtype_is_named():
+    scheduler = RespacedDDPMScheduler(num_train_timesteps=50)
+    with pytest.raises(ValueError, match="'float8'"):
+        DiffusionSamplingInferer(scheduler, autocast_dtype="float8")

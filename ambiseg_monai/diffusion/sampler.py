@@ -12,6 +12,7 @@ argument of ``step``, which is the hook a continuous-time scheduler must accept 
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["sample_seed", "make_generators", "draw_noise", "repeat_rows", "take_rows", "reverse_diffusion"]
+__all__ = [
+    "sample_seed",
+    "make_generators",
+    "draw_noise",
+    "repeat_rows",
+    "take_rows",
+    "autocast_dtype_from_name",
+    "reverse_diffusion",
+]
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"float16"`` (or the dtype itself) -> the dtype; None -> None (float32 network calls)."""
+    if name is None or isinstance(name, torch.dtype) and name in AUTOCAST_DTYPES.values():
+        return name
+    if isinstance(name, str) and name.removeprefix("torch.") in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[name.removeprefix("torch.")]
+    raise ValueError(f"autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)} or None, got {name!r}.")
 
 
 def sample_seed(seed: int, image_key: int | str, sample_index: int) -> int:
@@ -107,6 +127,7 @@ def reverse_diffusion(
     num_inference_steps: int | None = None,
     progress: bool = False,
     reference: torch.Tensor | None = None,
+    autocast_dtype: str | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain for ``len(generators)`` rows and return the final x_0 estimate.
 
@@ -124,6 +145,10 @@ def reverse_diffusion(
             the scheduler's current timesteps.
         progress: show a tqdm bar over the steps.
         reference: a tensor whose device and dtype the samples take (default: float32 on CPU).
+        autocast_dtype: run the network calls under ``torch.autocast`` on the samples' device with
+            this dtype ("bfloat16": CPUs with native bf16 and GPUs; "float16": GPUs); the scheduler
+            arithmetic stays in the samples' dtype. None: no autocast here (an enclosing autocast,
+            e.g. an evaluator's ``amp``, still applies).
 
     Returns:
         rows x C x H x W tensor of x_0 in the diffusion range ([-1, 1] for masks).
@@ -134,9 +159,12 @@ def reverse_diffusion(
         scheduler.set_timesteps(int(num_inference_steps))  # timesteps stay on the CPU: the loop needs their values
     rows = len(generators)
     timestep_dtype = scheduler.timesteps.dtype
+    dtype = autocast_dtype_from_name(autocast_dtype)
+    mixed_precision = torch.autocast(like.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     x = draw_noise(generators, sample_shape, like)
     for t in tqdm(sampling_timesteps(scheduler), desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((rows,), t, dtype=timestep_dtype, device=like.device)
-        model_output = network(x, t_batch, cond=cond, class_labels=class_labels)
+        with mixed_precision:
+            model_output = network(x, t_batch, cond=cond, class_labels=class_labels)
         x, _ = scheduler.step(model_output.to(x.dtype), t, x, noise=draw_noise(generators, sample_shape, like))
     return x
