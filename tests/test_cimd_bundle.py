@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 from ambiseg_monai.data.nifti import load_channel_first_nifti, save_channel_first_nifti
@@ -128,6 +129,23 @@ def test_inference_writes_samples_mean_and_variance_with_input_geometry(trained,
         variance = np.asanyarray(nib.load(out / f"{case}_variance.nii.gz").dataobj)
         assert set(np.unique(masks)) <= {0, 1}
         assert np.allclose(mean[..., 0], masks.mean(axis=-1)) and np.allclose(variance, mean * (1 - mean))
+
+
+def test_inference_in_bfloat16_from_the_command_line_override(trained, small_demo_dataset, tmp_path):
+    settings, _ = trained
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        overrides = {"infer#inferer#autocast_dtype": "bfloat16"} if precision == "bf16" else {}
+        out = tmp_path / precision
+        workflow = _run(["train.json", "inference.json"], "inferring", input_dir=small_demo_dataset,
+                        inference_dir=str(out), **settings, **overrides)  # fmt: skip
+        assert workflow.parser.get_parsed_content("infer#inferer").autocast_dtype == (
+            torch.bfloat16 if precision == "bf16" else None
+        )
+        outputs[precision] = {f.name: np.asanyarray(nib.load(f).dataobj) for f in sorted(out.glob("*_samples.nii.gz"))}
+    assert outputs["bf16"].keys() == outputs["fp32"].keys() and len(outputs["fp32"]) == 4  # the 4 test images
+    for name, masks in outputs["bf16"].items():
+        assert masks.shape == outputs["fp32"][name].shape and set(np.unique(masks)) <= {0, 1}
 
 
 def test_missing_checkpoint_is_a_clear_error(trained):
