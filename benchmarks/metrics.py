@@ -12,15 +12,15 @@ ratio, and the largest per-image difference between the two for every metric.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_metrics  # noqa: E402  (the loop reference lives next to this script)
+try:
+    from benchmarks import reference_metrics  # imported as a module (tests)
+except ImportError:  # run as a script: the loop reference lives next to it, in sys.path[0]
+    import reference_metrics
 
 from ambiseg_monai.metrics import METRIC_NAMES, ambiguous_segmentation_metrics  # noqa: E402
 

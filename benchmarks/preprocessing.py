@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _fixtures_preprocessing import ROWS, COLUMNS, Z_POSITIONS, make_lidc_scan, real_marks  # noqa: E402
+from _fixtures_preprocessing import COLUMNS, ROWS, Z_POSITIONS, make_lidc_scan, real_marks  # noqa: E402
 
 from preprocessing.lidc import LidcOptions, prepare_lidc  # noqa: E402
 

@@ -28,11 +28,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
+
+try:
+    from benchmarks.timing import best_seconds
+except ImportError:  # run as a script: this folder is sys.path[0]
+    from timing import best_seconds
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # setting -> (bundle, scheduler config id, inferer config id, steps)
@@ -55,24 +59,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--baseline", default=None, help="another checkout whose package to measure too")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only (used for --baseline)")
     return parser.parse_args()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Best wall-clock time of ``repeats`` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _scheduler_and_network(setting: str, device: torch.device):
@@ -118,8 +104,8 @@ def measure(setting: str, rows: int, size: int, device: torch.device, repeats: i
             reverse_diffusion(stand_in, scheduler, None, (1, size, size), generators,
                               num_inference_steps=steps, reference=x)  # fmt: skip
 
-        network_s = best_seconds(network_steps, device, repeats) / steps
-        sampler_s = best_seconds(sampler_steps, device, repeats) / steps
+        network_s = best_seconds(network_steps, device, repeats, warmup=True) / steps
+        sampler_s = best_seconds(sampler_steps, device, repeats, warmup=True) / steps
     return {"setting": setting, "steps": steps, "network_ms": 1e3 * network_s, "sampler_ms": 1e3 * sampler_s}
 
 

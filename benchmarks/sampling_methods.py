@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
 
-from ambiseg_monai.diffusion.sampler import make_generators, repeat_rows
+from ambiseg_monai.diffusion.sampler import repeat_rows
+
+try:
+    from benchmarks.timing import best_seconds
+except ImportError:  # run as a script: this folder is sys.path[0]
+    from timing import best_seconds
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # (paper steps, fast steps) per diffusion method
@@ -52,23 +56,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-amp", action="store_true", help="fast setting in float32")
     return parser.parse_args()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Best of ``repeats`` wall-clock runs (the least disturbed by other processes on a shared machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def load_method(method: str, device: torch.device) -> ConfigParser:
@@ -131,7 +118,7 @@ def bare_forward_time(
             network(x, timesteps[i % len(timesteps)].reshape(1).expand(num_samples), cond=cond, class_labels=labels)
 
     run()  # warm-up
-    return _timed(run, image.device, repeats)
+    return best_seconds(run, image.device, repeats)
 
 
 def main() -> None:
@@ -154,8 +141,8 @@ def main() -> None:
             batched = type(inferer)(num_samples=n, seed=0)
             with torch.no_grad():
                 batched(image, network, image_ids=["warm"])
-                paper_s = _timed(lambda: [one(image, network, image_ids=[f"s{i}"]) for i in range(n)], device, r)
-                fast_s = _timed(lambda: batched(image, network, image_ids=["x"]), device, r)
+                paper_s = best_seconds(lambda: [one(image, network, image_ids=[f"s{i}"]) for i in range(n)], device, r)
+                fast_s = best_seconds(lambda: batched(image, network, image_ids=["x"]), device, r)
             rows.append((method, "paper (1 mask per call)", n / paper_s, ""))
             rows.append((method, "fast (N masks in 1 call)", n / fast_s, f"{paper_s / fast_s:.1f}x vs paper"))
             continue
@@ -165,7 +152,7 @@ def main() -> None:
             timed = min(args.timed_steps, 1000)
             with torch.no_grad():
                 official_cimd_loop(network, scheduler, image, 1, 2)  # warm-up
-                seconds = _timed(lambda: official_cimd_loop(network, scheduler, image, n, timed), device, r)
+                seconds = best_seconds(lambda: official_cimd_loop(network, scheduler, image, n, timed), device, r)
             official_rate = n / (seconds * 1000 / timed)
             rows.append((method, f"official loop (1000 steps, batch 1; {timed} timed)", official_rate, "1.0x"))
         # paper setting through our batched inferer (long chains: timed prefix, extrapolated)
@@ -173,7 +160,7 @@ def main() -> None:
         paper = _diffusion_inferer(method, parser, n, timed)
         with torch.no_grad():
             paper(image, network, image_ids=["warm"])
-            seconds = _timed(lambda: paper(image, network, image_ids=["x"]), device, r) * paper_steps / timed
+            seconds = best_seconds(lambda: paper(image, network, image_ids=["x"]), device, r) * paper_steps / timed
         paper_rate = n / seconds
         note = f"{paper_rate / official_rate:.1f}x vs official" if method == "cimd" else ""
         rows.append((method, f"paper ({paper_steps} steps, batched; {timed} timed)", n / seconds, note))
@@ -184,7 +171,7 @@ def main() -> None:
         amp = None if args.no_amp else amp_dtype(device)
         with torch.no_grad(), _autocast(device, amp):
             fast(image, network, image_ids=["warm"])
-            fast_s = _timed(lambda: fast(image, network, image_ids=["x"]), device, r)
+            fast_s = best_seconds(lambda: fast(image, network, image_ids=["x"]), device, r)
             bare_s = bare_forward_time(network, fast, image, n, fast_steps, method, r)
         note = f"{(n / fast_s) / official_rate:.0f}x vs official, " if method == "cimd" else ""
         note += f"{(n / fast_s) / paper_rate:.1f}x vs paper; "
