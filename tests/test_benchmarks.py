@@ -67,3 +67,11 @@ def test_quality_trains_scores_and_reuses_the_checkpoint(tmp_path, monkeypatch, 
     again = {row["method"]: row for row in json.loads((tmp_path / "rows.json").read_text())}["prob_unet"]
     assert again["iterations"] == 8 and again["train_s"] == trained["train_s"]
     assert again["ged"] == pytest.approx(trained["ged"])
+
+
+def test_fast_setting_caps_rows_per_call_on_cpu_only():
+    from benchmarks.sampling_methods import fast_max_rows
+
+    assert fast_max_rows(4, torch.device("cpu")) == 4
+    assert fast_max_rows(0, torch.device("cpu")) is None  # 0: all N masks in one call
+    assert fast_max_rows(4, torch.device("cuda")) is None  # a GPU always takes the whole batch
