@@ -31,20 +31,22 @@ import sys
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
 
 try:
+    from benchmarks.quality import use_sampler
+    from benchmarks.sampling_methods import load_method
     from benchmarks.timing import best_seconds
 except ImportError:  # run as a script: this folder is sys.path[0]
+    from quality import use_sampler
+    from sampling_methods import load_method
     from timing import best_seconds
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-# setting -> (bundle, scheduler config id, inferer config id, steps)
+# setting -> (bundle, inferer config id, steps)
 SETTINGS = {
-    "cimd": ("cimd", "sampling_scheduler", "validate#inferer", 25),
-    "cimd_ddim": ("cimd", "sampling_scheduler", "validate#inferer", 25),
-    "consensus_diffusion": ("consensus_diffusion", None, "consensus_inferer", 20),
-    "ambdiffseg": ("ambdiffseg", None, "validate#inferer", 10),
+    "cimd": ("cimd", "validate#inferer", 25),
+    "cimd_ddim": ("cimd", "validate#inferer", 25),
+    "consensus_diffusion": ("consensus_diffusion", "consensus_inferer", 20),
+    "ambdiffseg": ("ambdiffseg", "validate#inferer", 10),
 }
 
 
@@ -62,16 +64,10 @@ def _parse() -> argparse.Namespace:
 
 
 def _scheduler_and_network(setting: str, device: torch.device):
-    bundle, scheduler_id, inferer_id, steps = SETTINGS[setting]
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
-    parser["device"] = f"$torch.device('{device}')"
-    parser["num_raters"] = 4
+    bundle, inferer_id, steps = SETTINGS[setting]
+    parser = load_method(bundle, device)
     if setting == "cimd_ddim":
-        config = dict(parser[scheduler_id])
-        config.pop("variance_type", None)
-        config["_target_"] = "ambiseg_monai.diffusion.schedulers.RespacedDDIMScheduler"
-        parser[scheduler_id] = config
+        use_sampler(parser, "ddim")
     network = parser.get_parsed_content("network").eval()
     scheduler = parser.get_parsed_content(inferer_id, lazy=False).scheduler
     return network, scheduler, steps

@@ -111,11 +111,6 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], like
     return buffer.to(device=like.device, dtype=like.dtype, non_blocking=pinned)
 
 
-def sampling_timesteps(scheduler) -> list:
-    """The scheduler's timesteps as Python numbers (one device read per chain instead of one per step)."""
-    return scheduler.timesteps.tolist()
-
-
 @torch.no_grad()
 def reverse_diffusion(
     network: Callable[..., torch.Tensor],
@@ -162,7 +157,8 @@ def reverse_diffusion(
     dtype = autocast_dtype_from_name(autocast_dtype)
     mixed_precision = torch.autocast(like.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     x = draw_noise(generators, sample_shape, like)
-    for t in tqdm(sampling_timesteps(scheduler), desc="sampling", disable=not progress, leave=False):
+    # Python numbers: one read of the timesteps per chain, not a device read (int(t)) per step
+    for t in tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((rows,), t, dtype=timestep_dtype, device=like.device)
         with mixed_precision:
             model_output = network(x, t_batch, cond=cond, class_labels=class_labels)
