@@ -11,6 +11,8 @@ One module per source, each an ``ambiseg prepare <dataset>`` subcommand (``confi
 * :mod:`preprocessing.qubiq` - the 2D QUBIQ tasks;
 * :mod:`preprocessing.folder` - any folder of images and rater masks described by a CSV.
 
-:mod:`preprocessing.common` holds what they share: options, parallel workers, the skip-or-fail
-policy and the summary. Nothing here imports training code.
+:mod:`preprocessing.common` holds what they share: options, parallel workers (which die with the
+import), the skip-or-fail policy, the summary, and the two checks every importer applies to what it
+reads (:func:`~preprocessing.common.check_binary_mask`, :func:`~preprocessing.common.check_finite`).
+Nothing here imports training code.
 """

@@ -9,15 +9,30 @@ importers the workers also write the samples' NIfTI files into the writer's temp
 (:class:`WriteInWorker`), and the parent only records the items, so compression runs in parallel.
 
 A task that fails (corrupt file, bad annotation, ...) is reported and skipped, so one broken scan
-does not abort a 1000-scan import; ``--strict`` makes the first failure fatal instead.
+does not abort a 1000-scan import; ``--strict`` makes the first failure fatal instead. A failure to
+write the output (read-only file system, disk full: :class:`DatasetWriteError`) is always fatal.
+
+Every importer checks what it reads with the same two functions: :func:`check_binary_mask` (a
+stored mask must be 0/1, 0/255 or boolean; anything else - soft values, a stray 255 in a 0/1 mask,
+NaN - is an error naming the file and the values found) and :func:`check_finite` (no NaN or
+infinite value in an image or volume).
+
+Worker processes die with their parent: they ignore SIGINT (the parent handles Ctrl-C), take the
+default action on SIGTERM, ask the kernel to kill them when the parent dies (Linux
+``PR_SET_PDEATHSIG``) and, as a fallback elsewhere, exit when their parent process changes. On any
+interruption or error the parent kills its workers before the temporary folder is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +45,14 @@ import numpy as np
 from skimage.transform import resize
 from tqdm import tqdm
 
-from ambiseg_monai.data.datalist import SPLITS, DatasetWriter
+from ambiseg_monai.data.datalist import (
+    SPLITS,
+    DatalistError,
+    DatasetWriteError,
+    DatasetWriter,
+    check_sample_arrays,
+    output_error,
+)
 from ambiseg_monai.data.nifti import save_channel_first_nifti
 
 __all__ = [
@@ -52,7 +74,8 @@ __all__ = [
     "resize_image",
     "resize_masks",
     "normalise_minmax",
-    "binarise_mask",
+    "check_binary_mask",
+    "check_finite",
     "SUMMARY_FILENAME",
 ]
 
@@ -134,7 +157,7 @@ def _call_safely(function: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
     """Run one task, turning any exception into a message (exceptions may not pickle back)."""
     try:
         return True, function(task)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, DatasetWriteError):  # the output cannot be written: fatal
         raise
     except (InputError, OSError) as error:  # expected input problems: the message names the file
         return False, str(error)
@@ -192,7 +215,7 @@ def run_tasks(
             for task in tasks:
                 yield from handle(task, *_call_safely(function, task))
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             pending: list[tuple[Any, Future]] = []
             iterator = iter(tasks)
             try:
@@ -204,12 +227,66 @@ def run_tasks(
                 for done_task, future in pending:
                     yield from handle(done_task, *future.result())
             except BaseException:
-                for _, future in pending:
-                    future.cancel()
-                pool.shutdown(wait=True, cancel_futures=True)
+                # Stop the workers now (they write into a folder that is about to be removed), then wait
+                # for them, so that nothing writes there once the caller cleans up. The pending futures
+                # are not cancelled: the pool, broken by the kill, fails them itself (cancelling them as
+                # well makes Python 3.11's pool manager thread crash with InvalidStateError).
+                _kill_workers(pool)
+                pool.shutdown(wait=True)
                 raise
     finally:
         bar.close()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's worker processes (``ProcessPoolExecutor`` has no public way before 3.14)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):  # already gone or closed
+            pass
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in every worker process: make it die with its parent, leave signals to the parent.
+
+    * SIGINT is ignored: Ctrl-C reaches the whole process group, and the parent, which owns the
+      temporary folder, stops the workers itself;
+    * SIGTERM takes its default action (the parent's cleanup handler is not inherited);
+    * on Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), so a
+      ``kill -9`` of the import does not leave workers writing and then waiting forever;
+    * everywhere, a daemon thread exits the worker within half a second when its parent changes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid and not _alive(parent_pid):
+        os._exit(1)  # the importer died before this worker started
+    parent = os.getppid()  # the importer (fork, spawn) or the forkserver, which dies with it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # re-parented: the importer is gone
+
+    threading.Thread(target=watch, name="ambiseg-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 # -- the summary ----------------------------------------------------------------------------------
@@ -231,13 +308,25 @@ class ImportSummary:
         self.skipped: list[dict] = []
         self.warnings: list[str] = []
         self.counts: Counter[str] = Counter()
+        self.sizes: dict[str, dict[tuple[int, int], str]] = defaultdict(dict)  # split -> H x W -> a case
 
-    def record_sample(self, split: str, patient_id: str, label: np.ndarray) -> None:
+    def record_sample(self, split: str, patient_id: str, label: np.ndarray, case_id: str = "") -> None:
         """Count one written sample (``label``: R x H x W)."""
-        self.record_counts(split, patient_id, int(label.shape[0]), _count_empty(label))
+        self.record_counts(split, patient_id, int(label.shape[0]), _count_empty(label), tuple(label.shape[1:]),
+                           case_id)
 
-    def record_counts(self, split: str, patient_id: str, num_raters: int, empty_masks: int) -> None:
-        """Count one written sample from its rater count and number of empty masks."""
+    def record_counts(
+        self,
+        split: str,
+        patient_id: str,
+        num_raters: int,
+        empty_masks: int,
+        size: tuple[int, int] | None = None,
+        case_id: str = "",
+    ) -> None:
+        """Count one written sample from its rater count, number of empty masks and H x W."""
+        if size is not None:
+            self.sizes[split].setdefault(tuple(size), case_id)
         self.samples[split] += 1
         self.patients[split].add(str(patient_id))
         self.raters[num_raters] += 1
@@ -291,6 +380,7 @@ class ImportSummary:
             lines.append(f"  {key.replace('_', ' ')}: {value}")
         if self.warnings:
             lines.append(f"  warnings: {len(self.warnings)} (see {SUMMARY_FILENAME})")
+            lines.extend(f"    {warning}" for warning in self.warnings[:5])
         if self.skipped:
             lines.append(f"  skipped inputs: {len(self.skipped)}")
             lines.extend(f"    {entry['reason']}" for entry in self.skipped[:20])
@@ -316,7 +406,7 @@ def write_samples(
         writer.add_item(
             split, sample.case_id, sample.patient_id, sample.image, label, affine=sample.affine, **sample.metadata
         )
-        summary.record_sample(split, sample.patient_id, label)
+        summary.record_sample(split, sample.patient_id, label, sample.case_id)
         written += 1
     return written
 
@@ -345,6 +435,7 @@ class WrittenSample:
     split: str | None
     num_raters: int
     empty_masks: int
+    size: tuple[int, int] = (0, 0)
 
 
 def write_sample_files(root: str | os.PathLike, sample: Sample, num_raters: int, image_channels: int) -> WrittenSample:
@@ -353,17 +444,10 @@ def write_sample_files(root: str | os.PathLike, sample: Sample, num_raters: int,
     Used by workers so that NIfTI compression runs in parallel; the parent then only records the
     item (:func:`register_written_samples`). The writer validates every file again at commit.
     """
-    image = np.asarray(sample.image, dtype=np.float32)
-    label = np.asarray(sample.label)
-    where = f"case '{sample.case_id}'"
-    if image.ndim != 3 or label.ndim != 3 or image.shape[1:] != label.shape[1:]:
-        raise InputError(f"{where}: image must be C x H x W and label R x H x W, got {image.shape} and {label.shape}")
-    if image.shape[0] != image_channels:
-        raise InputError(f"{where}: image has {image.shape[0]} channels, dataset has {image_channels}")
-    if not np.isfinite(image).all():
-        raise InputError(f"{where}: image contains NaN or infinite values")
-    if not np.isin(np.unique(label), (0, 1)).all():
-        raise InputError(f"{where}: label is not binary")
+    try:
+        image, label = check_sample_arrays(sample.image, sample.label, image_channels, f"case '{sample.case_id}'")
+    except DatalistError as error:  # a worker reports input problems as InputError
+        raise InputError(str(error)) from None
     item: dict[str, Any] = {
         "image": f"images/{sample.case_id}.nii.gz",
         "label": f"labels/{sample.case_id}.nii.gz",
@@ -373,11 +457,14 @@ def write_sample_files(root: str | os.PathLike, sample: Sample, num_raters: int,
     if label.shape[0] != num_raters:
         item["num_raters"] = int(label.shape[0])
     item.update(sample.metadata)
-    for key, array in (("image", image), ("label", label.astype(np.uint8))):
+    for key, array in (("image", image), ("label", label)):
         destination = Path(root) / item[key]
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        save_channel_first_nifti(destination, array, sample.affine)
-    return WrittenSample(item, sample.split, int(label.shape[0]), _count_empty(label))
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            save_channel_first_nifti(destination, array, sample.affine)
+        except OSError as error:  # the output, not the input: fatal (see run_tasks)
+            raise output_error(root, error) from error
+    return WrittenSample(item, sample.split, int(label.shape[0]), _count_empty(label), tuple(label.shape[1:]))
 
 
 @dataclass(frozen=True)
@@ -434,7 +521,8 @@ def register_written_samples(
         item = sample.item
         split = _split_for(sample.split, item["patient_id"], item["case_id"], split_of_patient)
         writer.register_item(split, item)
-        summary.record_counts(split, item["patient_id"], sample.num_raters, sample.empty_masks)
+        summary.record_counts(split, item["patient_id"], sample.num_raters, sample.empty_masks, sample.size,
+                              item["case_id"])
         count += 1
     return count
 
@@ -442,8 +530,21 @@ def register_written_samples(
 def finish_import(writer: DatasetWriter, summary: ImportSummary, source: str | os.PathLike) -> None:
     """Refuse an import that produced nothing, then write ``summary.json`` into the dataset.
 
-    Call inside the writer's ``with`` block, after the last sample.
+    Also records as warnings: temporary folders of earlier, killed imports that the writer removed
+    or had to keep, and splits whose samples differ in size (the bundles batch whole images, so
+    such a dataset needs ``--size H W`` or a resizing bundle). Call inside the writer's ``with``
+    block, after the last sample.
     """
+    for note in writer.stale_removed + writer.stale_kept:
+        summary.warn(note)
+    for split in SPLITS:
+        sizes = summary.sizes.get(split, {})
+        if len(sizes) > 1:
+            shown = ", ".join(f"{h} x {w} ({case})" for (h, w), case in list(sizes.items())[:4])
+            summary.warn(
+                f"split '{split}' mixes {len(sizes)} image sizes, e.g. {shown}; bundles batch whole images: "
+                "prepare again with --size H W unless the bundle resizes its inputs"
+            )
     reasons = "; ".join(entry["reason"] for entry in summary.skipped[:5])
     detail = f" ({len(summary.skipped)} inputs skipped: {reasons})" if summary.skipped else ""
     if not sum(summary.samples.values()):
@@ -496,8 +597,59 @@ def normalise_minmax(
     return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def binarise_mask(mask: np.ndarray) -> np.ndarray:
-    """A stored mask -> uint8 {0, 1}: threshold 0.5, or half the maximum for masks stored as 0/255."""
-    mask = np.asarray(mask, dtype=np.float32)
-    peak = float(mask.max()) if mask.size else 0.0
-    return (mask >= (0.5 if peak <= 1.0 else peak / 2.0)).astype(np.uint8)
+def check_binary_mask(mask: np.ndarray, source: str) -> np.ndarray:
+    """A stored rater mask -> uint8 {0, 1}; anything not clearly binary is an error.
+
+    Accepted: boolean masks, masks holding only 0 and 1 (any dtype), and masks holding only 0 and
+    255 (8-bit exports). Everything else - soft values (0 / 0.5), a stray 255 in a 0/1 mask, NaN -
+    would have to be guessed at, so it raises instead (no importer here reads a format that
+    documents soft masks).
+
+    Args:
+        mask: the mask as stored, any shape (e.g. H x W, or C x H x W for an RGB mask).
+        source: the file (and entry) it came from, named in the message.
+
+    Returns:
+        uint8 array of the same shape with values in {0, 1}.
+
+    Raises:
+        InputError: naming ``source`` and the values found.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if mask.dtype.kind not in "biuf":
+        raise InputError(f"{source}: mask has data type {mask.dtype}, expected numbers 0/1 (or 0/255)")
+    if mask.dtype.kind == "f":
+        bad = int(np.count_nonzero(np.isnan(mask)))
+        if bad:
+            raise InputError(f"{source}: mask contains {bad} NaN value(s); a mask must hold 0/1 (or 0/255)")
+    # two vectorised passes instead of np.unique: masks can be whole volumes
+    zero = mask == 0
+    if np.all(zero | (mask == 1)):
+        return (~zero).astype(np.uint8)
+    if np.all(zero | (mask == 255)):
+        return (~zero).astype(np.uint8)
+    values = np.unique(mask)
+    shown = ", ".join(f"{v:g}" for v in values[:6])
+    shown += f", ... ({values.size} distinct values)" if values.size > 6 else ""
+    raise InputError(
+        f"{source}: mask is not binary (values {shown}); expected 0/1, 0/255 or true/false: "
+        "export the masks as binary (threshold soft masks yourself), or remove the file from the input"
+    )
+
+
+def check_finite(array: np.ndarray, source: str, what: str = "image") -> None:
+    """Refuse NaN or infinite values in an image or volume; ``source`` names the file.
+
+    Raises:
+        InputError: ``"<source>: image contains N NaN or infinite value(s) ..."``.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc":
+        return  # integers are always finite
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(
+            f"{source}: {what} contains {bad} NaN or infinite value(s); fix the file or remove it from the input"
+        )

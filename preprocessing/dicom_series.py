@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from preprocessing.common import InputError
+from preprocessing.common import InputError, check_finite
 
 __all__ = ["DicomSeriesError", "CTSlice", "CTSeries", "read_series", "read_header", "list_dicom_files"]
 
@@ -90,7 +90,9 @@ class CTSeries:
             raise DicomSeriesError(f"{path}: slice is {pixels.shape}, the series is {self.shape}")
         slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
-        return (pixels.astype(np.float32) * slope + intercept).astype(np.float32)
+        hu = (pixels.astype(np.float32) * slope + intercept).astype(np.float32)
+        check_finite(hu, path, "slice (in HU)")  # float pixel data or a NaN rescale tag
+        return hu
 
 
 def list_dicom_files(directory: str | os.PathLike) -> list[Path]:

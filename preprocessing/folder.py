@@ -14,8 +14,9 @@ The CSV (paths relative to its own folder)::
 * ``image`` (required): a PNG/JPEG/TIFF file (grey -> 1 channel, RGB -> 3, alpha dropped) or a 2D
   NIfTI file (singleton axes squeezed; a short axis of size <= 8 becomes the channels);
 * every column whose name starts with ``mask`` is one rater, in column order; an empty cell is
-  a rater who did not mark anything (an empty mask); masks are binarised at 0.5 (at half the
-  maximum for 0/255 masks);
+  a rater who did not mark anything (an empty mask); a row with more or fewer cells than the
+  header is an error naming its line; masks must be binary (0/1, 0/255 or boolean; for an RGB
+  mask any set channel counts), anything else is an error naming the file and the values found;
 * ``case_id`` (optional, default: the image file name without extension), ``patient_id``
   (optional, default: the case id), ``split`` (optional: training/validation/test; rows without
   one are split by patient with a seeded 60/20/20 draw);
@@ -45,7 +46,8 @@ from preprocessing.common import (
     Sample,
     add_output_arguments,
     add_split_arguments,
-    binarise_mask,
+    check_binary_mask,
+    check_finite,
     finish_import,
     normalise_minmax,
     resize_image,
@@ -124,11 +126,10 @@ def convert_row(row: FolderRow) -> Sample:
             mask = read_image_file(path)
             if mask.shape[1:] != image.shape[1:]:
                 raise InputError(f"{path}: mask is {mask.shape[1:]}, image {Path(row.image).name} is {image.shape[1:]}")
-            masks.append(binarise_mask(mask.max(axis=0)))  # an RGB mask: any channel set
+            masks.append(check_binary_mask(mask, os.fspath(path)).max(axis=0))  # an RGB mask: any channel set
+        check_finite(image, row.image)
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
-    if not np.isfinite(image.astype(np.float64)).all():
-        raise InputError(f"{where}: {row.image}: image contains NaN or infinite values")
     image, label = _normalise(image, row.normalisation), np.stack(masks)
     if row.size is not None:
         image, label = resize_image(image, row.size), resize_masks(label, row.size)
@@ -146,7 +147,17 @@ def read_csv(
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
+        rows = []
+        for raw in reader:
+            # DictReader puts extra cells under the key None and fills missing ones with None: a row
+            # that is too short would otherwise read as "this rater marked nothing"
+            cells = len(columns) + len(raw.get(None) or []) - sum(value is None for value in raw.values())
+            if cells != len(columns):
+                raise InputError(
+                    f"{csv_path} line {reader.line_num}: {cells} cells, but the header has {len(columns)} columns "
+                    f"({', '.join(columns)}); fix the row (an empty mask cell still needs its comma)"
+                )
+            rows.append((reader.line_num, raw))
     if "image" not in columns:
         raise InputError(f"{csv_path}: no 'image' column (columns: {', '.join(columns) or 'none'})")
     mask_columns = [c for c in reader.fieldnames or [] if c.strip().lower().startswith("mask")]
@@ -156,7 +167,7 @@ def read_csv(
         raise InputError(f"{csv_path}: no rows")
     base = csv_path.parent
     resolved, seen = [], {}
-    for line, raw in enumerate(rows, start=2):
+    for line, raw in rows:
         row = {key.strip(): (value or "").strip() for key, value in raw.items() if key is not None}
         if not row["image"]:
             raise InputError(f"{csv_path} line {line}: empty 'image' cell")

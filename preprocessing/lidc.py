@@ -18,7 +18,9 @@ What is done, per CT series that has an annotation file:
 * the image is HU clipped to the window (default [-1000, 400]) and scaled to [0, 1];
 * the label holds one mask per reading session, in the XML's session order (missing readers
   and readers who did not mark the nodule give empty masks), rasterised from the contours on the
-  crop grid (:mod:`preprocessing.contours`: outline included, holes cut out);
+  crop grid (:mod:`preprocessing.contours`): the pixels strictly inside each outline, since the
+  readers drew the outline just outside the nodule (pylidc's default); holes are cut out with
+  their outlines. ``--include-outline`` counts the outline pixels as nodule instead;
 * splits are by patient, seeded (60/20/20 by default).
 
 Item metadata: ``series_uid``, ``study_uid``, ``nodule`` (index in the scan), ``slice_index``,
@@ -83,6 +85,9 @@ class LidcOptions:
         group_tolerance: largest distance (mm) between two readers' contours of the same nodule;
             None uses the series' slice spacing.
         min_readers: keep nodules marked (with a contour) by at least this many readers.
+        include_outline: count the ``edgeMap`` outline pixels as part of the nodule (default
+            False: the readers drew the outline just outside the nodule, so the mask is the pixels
+            strictly inside it, as pylidc's ``include_contour_points=False``).
     """
 
     crop_size: int = 128
@@ -91,6 +96,7 @@ class LidcOptions:
     num_readers: int = 4
     group_tolerance: float | None = None
     min_readers: int = 1
+    include_outline: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,19 +202,28 @@ def _contour_marks(
 
 
 def _nodule_labels(
-    nodule: dict[int, _ContourMark], num_channels: int, size: int, origin: np.ndarray, step: np.ndarray
+    nodule: dict[int, _ContourMark], num_channels: int, grid: np.ndarray, include_outline: bool = False
 ) -> dict[int, np.ndarray]:
-    """Slice index -> R x S x S masks of one nodule (``nodule``: reader index -> mark), on the crop grid."""
+    """Slice index -> R x S x S masks of one nodule (``nodule``: reader index -> mark), on the crop grid.
+
+    ``grid`` (2 x S x S) holds the scan (row, column) coordinates of the crop's pixels. The contours
+    are rasterised on the scan's own pixel grid (under the crop, plus a margin), where the outline
+    is one scan pixel wide as the reader drew it, and then sampled at the crop's pixel centres
+    (nearest scan pixel): with ``--spacing`` the outline is still removed (or added) at the scan's
+    resolution, not as a band of resampled pixels. Without resampling the sampling is exact.
+    """
+    size = grid.shape[1]
+    low = np.floor(grid.reshape(2, -1).min(axis=1)).astype(int) - 1
+    box = tuple(int(v) for v in np.ceil(grid.reshape(2, -1).max(axis=1)).astype(int) + 2 - low)
+    rows, columns = np.rint(grid - low[:, None, None]).astype(int)
     slices = sorted({k for m in nodule.values() for roi, k in zip(m.mark.rois, m.slices) if roi.inclusion})
     labels = {}
     for k in slices:
         label = np.zeros((num_channels, size, size), dtype=np.uint8)
         for reader, m in nodule.items():
-            contours = [
-                ((roi.points - origin) / step, roi.inclusion) for roi, s in zip(m.mark.rois, m.slices) if s == k
-            ]
+            contours = [(roi.points - low, roi.inclusion) for roi, s in zip(m.mark.rois, m.slices) if s == k]
             if contours:
-                label[reader] = rasterise_contours(contours, (size, size))
+                label[reader] = rasterise_contours(contours, box, include_outline)[rows, columns]
         labels[k] = label
     return labels
 
@@ -246,9 +261,10 @@ def process_scan(task: ScanTask) -> ScanResult:
         result.counts["nodules"] += 1
         outline = np.concatenate([roi.points for m in nodule.values() for roi in m.mark.rois if roi.inclusion])
         centre = (outline.min(axis=0) + outline.max(axis=0)) / 2.0  # the same for all slices of the nodule
-        origin, grid = _crop_grid(centre, options.crop_size, step)
-        for k, label in _nodule_labels(nodule, num_channels, options.crop_size, origin, step).items():
-            if not label.any():  # e.g. only a hole drawn on this slice
+        _, grid = _crop_grid(centre, options.crop_size, step)
+        labels = _nodule_labels(nodule, num_channels, grid, options.include_outline)
+        for k, label in labels.items():
+            if not label.any():  # e.g. only a hole drawn on this slice, or an outline with no pixel inside
                 result.counts["slices_without_foreground"] += 1
                 continue
             hu = map_coordinates(series.read_hu(k), grid, order=1, mode="constant", cval=AIR_HU)
@@ -301,7 +317,9 @@ def discover_scans(
     DICOM files are the ``*.dcm`` files of a folder (one series per folder, as TCIA delivers them);
     annotation files are all ``*.xml`` under ``source`` and ``xml_dirs`` (the separate XML-only
     archive), matched to series by the ``SeriesInstanceUid`` in their header. X-ray annotation
-    files and non-CT series are skipped; unreadable ones are reported (fatal with ``strict``).
+    files and non-CT series are skipped; unreadable ones, CT annotation files whose header is
+    malformed or lacks the series UID, are reported, counted (``annotation_files_skipped``) and
+    listed in the summary, or fatal with ``strict``.
     """
     source = Path(source)
     if not source.is_dir():
@@ -333,12 +351,19 @@ def discover_scans(
         try:
             header = read_xml_header(path)
         except LidcXmlError as error:
+            summary.count("annotation_files_skipped")
             problem(str(error))
             continue
         if header.kind == "xray":
             summary.count("xray_annotation_files_skipped")
-        elif header.kind != "ct" or not header.series_instance_uid:
+        elif header.kind != "ct":
             summary.count("other_xml_files_ignored")
+        elif not header.series_instance_uid:  # a CT annotation we cannot match: never drop it silently
+            summary.count("annotation_files_skipped")
+            problem(
+                f"{path}: LIDC annotation without a SeriesInstanceUid in its ResponseHeader, so its nodules "
+                "cannot be matched to a CT series; add the series UID or remove the file"
+            )
         else:
             annotations[header.series_instance_uid].append(os.fspath(path))
 
@@ -415,6 +440,7 @@ def prepare_lidc(
         "num_readers": options.num_readers,
         "group_tolerance_mm": options.group_tolerance,
         "min_readers": options.min_readers,
+        "mask_outline": "included" if options.include_outline else "excluded (pixels strictly inside the outline)",
         "split_fractions": list(split_fractions),
         "seed": seed,
     }
@@ -479,6 +505,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-readers", type=int, default=1, help="keep nodules outlined by at least this many readers (default 1)"
     )
+    parser.add_argument(
+        "--include-outline", action="store_true",
+        help="count the readers' outline pixels as nodule (default: only the pixels strictly inside the outline, "
+        "as pylidc; the readers drew the outline just outside the nodule)",
+    )
     add_split_arguments(parser)
     add_worker_arguments(parser)
 
@@ -492,6 +523,7 @@ def main(args: argparse.Namespace) -> int:
         num_readers=args.num_readers,
         group_tolerance=args.group_tolerance,
         min_readers=args.min_readers,
+        include_outline=args.include_outline,
     )
     summary = prepare_lidc(
         args.source,

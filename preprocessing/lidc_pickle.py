@@ -7,16 +7,23 @@ Usage::
     ambiseg prepare lidc-pickle --source data_lidc.pickle --out data/lidc_seeded --split seeded --seed 0
 
 The file maps ``<patient>_<slice...>`` keys to ``{"image": H x W float in [0, 1], "masks": 4 x
-H x W, "series_uid": str}``. Images are written unchanged (1 x H x W float32), masks binarised at
-0.5 (R x H x W uint8). The patient is the key's part before the first underscore.
+H x W, "series_uid": str}``. Images are written unchanged (1 x H x W float32; NaN or infinite
+values are an error), masks as R x H x W uint8 {0, 1}: each mask must be binary (0/1, 0/255 or
+boolean); anything else is an error naming the key, the mask and the values found. The patient is
+the key's part before the first underscore.
 
 Splits: ``ambdiffseg`` (default) puts the patients of the package's ``data/lidc_split/test_ids.txt``
 and ``vali_ids.txt`` (the AmbDiffSeg patient-level split) into test and validation and the rest
 into training; ``seeded`` draws a seeded 60/20/20 patient split.
 
-The pickle is read with a restricted unpickler that only accepts NumPy arrays and plain Python
-containers, so a tampered file cannot run code. It must fit in memory (about 2 GB for the full
-file): pickles cannot be streamed.
+The pickle is read with a restricted unpickler: besides the pickle format's own values (dicts,
+lists, tuples, strings, bytes, numbers), it can build only what :data:`ALLOWED_GLOBALS` lists,
+exactly (NumPy array and dtype reconstruction, ``OrderedDict``, ``set``, ``frozenset``,
+``bytearray``, ``_codecs.encode``). Any other global, and any dotted name (which pickle protocol 4
+would resolve attribute by attribute, e.g. ``numpy.dtypes`` + ``__loader__.set_data``, a file
+writer), is refused before it is looked up. This stops a tampered file from calling functions; it
+does not stop one from using much memory or time (huge arrays, deep nesting). It must fit in memory
+(about 2 GB for the full file): pickles cannot be streamed.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from preprocessing.common import (
     Sample,
     add_output_arguments,
     add_split_arguments,
+    check_binary_mask,
+    check_finite,
     finish_import,
     run_tasks,
     write_samples,
@@ -44,7 +53,9 @@ from preprocessing.common import (
 
 __all__ = ["load_pickle", "ambdiffseg_split", "convert_entry", "prepare_lidc_pickle", "configure_parser", "main"]
 
-ALLOWED_GLOBALS = {
+# Exactly these (module, name) pairs: what NumPy (1.x: numpy.core, 2.x: numpy._core) and Python
+# write when pickling dicts of arrays. No prefix or wildcard: a module's other attributes stay out.
+ALLOWED_GLOBALS = frozenset({
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
@@ -58,16 +69,19 @@ ALLOWED_GLOBALS = {
     ("builtins", "frozenset"),
     ("builtins", "bytearray"),
     ("_codecs", "encode"),
-}
+})
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays and builtin containers; refuses any other class or function."""
+    """Unpickles NumPy arrays and builtin containers; refuses any other class or function.
+
+    ``find_class`` is the only way a pickle reaches a Python object by name. A name with a dot is
+    refused outright: the base class would walk it attribute by attribute (protocol >= 4), from an
+    allowed module to anything reachable from it.
+    """
 
     def find_class(self, module: str, name: str):
-        if (module, name) in ALLOWED_GLOBALS or (module == "numpy" and name.endswith("Dtype")) or (
-            module == "numpy.dtypes"
-        ):
+        if "." not in name and (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only NumPy arrays are expected)")
 
@@ -109,20 +123,23 @@ def convert_entry(entry: tuple[str, str, dict]) -> Sample:
     if not isinstance(value, dict) or "image" not in value or "masks" not in value:
         raise InputError(f"{where}: expected a dict with 'image' and 'masks'")
     image = np.asarray(value["image"], dtype=np.float32)
-    masks = np.asarray(value["masks"])
+    try:
+        masks = np.asarray(value["masks"])
+    except ValueError as error:  # ragged list of masks
+        raise InputError(f"{where}: masks must be R x H x W ({error})") from None
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
     if image.ndim != 2:
         raise InputError(f"{where}: image must be H x W, got shape {image.shape}")
     if masks.ndim != 3 or masks.shape[1:] != image.shape:
         raise InputError(f"{where}: masks must be R x {image.shape[0]} x {image.shape[1]}, got shape {masks.shape}")
-    if not np.isfinite(image).all():
-        raise InputError(f"{where}: image contains NaN or infinite values")
+    check_finite(image, where)
+    label = np.stack([check_binary_mask(mask, f"{where} mask {rater + 1}") for rater, mask in enumerate(masks)])
     case_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(key))
     metadata = {"source_key": str(key)}
     if "series_uid" in value:
         metadata["series_uid"] = str(value["series_uid"])
-    return Sample(case_id, patient_of(key), image[None], (masks > 0.5).astype(np.uint8), metadata)
+    return Sample(case_id, patient_of(key), image[None], label, metadata)
 
 
 def prepare_lidc_pickle(

@@ -122,7 +122,12 @@ def read_xml_header(path: str | os.PathLike) -> XmlHeader:
     """Classify an XML file and read its series UID from the ``ResponseHeader`` (streaming).
 
     Reading stops at the first ``readingSession``, so this is cheap even for large files, and
-    works on a file truncated later on (the full parse then reports the truncation).
+    works on a file truncated later on (the full parse then reports the truncation). A syntax
+    error before the header is complete is an error: the file would otherwise be dropped
+    unnoticed.
+
+    Raises:
+        LidcXmlError: not XML, or an LIDC / IDRI file whose header is malformed or truncated.
     """
     path = os.fspath(path)
     root_name: str | None = None
@@ -141,6 +146,10 @@ def read_xml_header(path: str | os.PathLike) -> XmlHeader:
     except ET.ParseError as error:
         if root_name is None:
             raise LidcXmlError(f"{path}: not a readable XML file ({error})") from error
+        # the loop stops at the header's end, so an error here lies inside the header
+        raise LidcXmlError(
+            f"{path}: malformed XML in the header ({error}); fix or re-download the annotation file"
+        ) from error
     except OSError as error:
         raise LidcXmlError(f"{path}: cannot read XML file ({error})") from error
     kind = {CT_ROOT: "ct", XRAY_ROOT: "xray"}.get(root_name or "", "other")

@@ -20,7 +20,8 @@ Choices:
   marked a lesion, plus a seeded ``--empty-fraction`` of the other brain slices;
 * slices are resized to ``--size`` (64 x 64 as in CIMD; images linearly, masks by thresholding a
   linear interpolation at 0.5); ``--keep-aspect`` zero-pads to a square first;
-* the label holds the two raters' masks; splits are by subject (``--test-subjects``,
+* the label holds the two raters' masks, which must be binary (0/1, 0/255 or boolean; anything
+  else, and NaN anywhere, is an error naming the file); splits are by subject (``--test-subjects``,
   ``--validation-subjects``, the other subjects drawn with ``--split-fractions``/``--seed``).
 """
 
@@ -44,6 +45,8 @@ from preprocessing.common import (
     add_output_arguments,
     add_split_arguments,
     add_worker_arguments,
+    check_binary_mask,
+    check_finite,
     finish_import,
     normalise_minmax,
     register_written_samples,
@@ -113,10 +116,11 @@ def find_timepoints(source: str | os.PathLike, options: dict) -> list[TimepointT
     return found
 
 
-def _load_ras(path: str, reference: tuple | None) -> tuple[np.ndarray, tuple]:
+def _load_ras(path: str, reference: tuple | None, what: str = "volume") -> tuple[np.ndarray, tuple]:
+    """An X x Y x Z volume in RAS orientation (stored dtype for a mask, float32 for an image volume)."""
     try:
         image = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        data = np.asarray(image.dataobj) if what == "mask" else np.asarray(image.dataobj, dtype=np.float32)
     except FileNotFoundError as error:
         raise InputError(f"{path}: file not found") from error
     except Exception as error:
@@ -127,8 +131,8 @@ def _load_ras(path: str, reference: tuple | None) -> tuple[np.ndarray, tuple]:
         raise InputError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if reference is not None and data.shape != reference:
         raise InputError(f"{path}: volume is {data.shape}, the time point's FLAIR is {reference}")
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}: volume contains NaN or infinite values")
+    if what != "mask":
+        check_finite(data, path, what)
     return data, data.shape
 
 
@@ -149,7 +153,7 @@ def convert_timepoint(task: TimepointTask) -> list[Sample]:
     """Load one time point's four sequences and two masks and cut it into axial samples."""
     flair, shape = _load_ras(task.images[0], None)
     volumes = [flair] + [_load_ras(path, shape)[0] for path in task.images[1:]]
-    masks = np.stack([(_load_ras(path, shape)[0] > 0.5) for path in task.masks]).astype(np.uint8)
+    masks = np.stack([check_binary_mask(_load_ras(path, shape, "mask")[0], path) for path in task.masks])
     brain = np.any(np.stack(volumes) != 0, axis=0)
     channels = np.stack(
         [np.where(brain, normalise_minmax(volume, *PERCENTILES, mask=brain), 0.0) for volume in volumes]

@@ -12,8 +12,9 @@ Choices:
 * singleton axes are squeezed; a 3-axis image is a 2D image with channels on its smallest axis
   (brain-tumor: 4 MR sequences); the arrays keep the source's row/column order and affine;
 * intensities: per image and channel, clipped to the 0.5th/99.5th percentiles and scaled to [0, 1];
-* masks: every rater's file of the chosen sub-task, binarised at 0.5 (or at half the maximum for
-  masks stored as 0/255); raters in file order (seg01, seg02, ...);
+* masks: every rater's file of the chosen sub-task, in file order (seg01, seg02, ...); each must be
+  binary - 0/1, 0/255 or boolean - anything else (soft values, a stray 255 in a 0/1 mask, NaN) is
+  an error naming the file and the values found; NaN in an image is an error too;
 * the rater count of each case is recorded; a case with an unusual count (one prostate case has
   5 instead of 6) is kept and reported, or skipped with ``--require-raters``;
 * ``Training`` becomes the ``training`` split and ``Validation`` the ``validation`` split, as
@@ -39,7 +40,8 @@ from preprocessing.common import (
     InputError,
     Sample,
     add_output_arguments,
-    binarise_mask,
+    check_binary_mask,
+    check_finite,
     finish_import,
     normalise_minmax,
     resize_image,
@@ -144,11 +146,10 @@ def convert_case(task: CaseTask) -> Sample:
         mask = np.squeeze(_load(path)[0])
         if mask.shape != image.shape[1:]:
             raise InputError(f"{path}: mask is {mask.shape}, the image {image_path.name} is {image.shape[1:]}")
-        masks.append(binarise_mask(mask))
+        masks.append(check_binary_mask(mask, os.fspath(path)))
     label = np.stack(masks)
 
-    if not np.isfinite(image).all():
-        raise InputError(f"{image_path}: image contains NaN or infinite values")
+    check_finite(image, os.fspath(image_path))
     image = np.stack([normalise_minmax(channel, *PERCENTILES) for channel in image])
     if task.size is not None:
         image, label = resize_image(image, task.size), resize_masks(label, task.size)

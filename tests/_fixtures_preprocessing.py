@@ -7,6 +7,8 @@
   session holds only a point mark (a nodule < 3 mm) and a non-nodule.
 * ISBI 2015 MS, QUBIQ: NIfTI folders with the real file names and small arrays.
 * The community LIDC pickle and a generic CSV folder.
+* :func:`pylidc_mask`: pylidc's own ``Annotation.boolean_mask`` code (read from the installed package,
+  not imported) applied to given contours, to compare the LIDC importer's masks with.
 
 pylidc's database does not store reading sessions; in scan LIDC-IDRI-0063 each reader's nodule
 IDs follow one naming scheme ("Nodule 00x", "IL057_...", "MI014_...", a plain number), which is
@@ -318,3 +320,59 @@ def make_lidc_pickle(path: str | os.PathLike, patients: list[str], slices_per_pa
     with open(path, "wb") as handle:
         pickle.dump(data, handle)
     return data
+
+
+# -- pylidc's own mask rule, for comparison ------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _pylidc_boolean_mask():
+    """pylidc's ``Annotation.boolean_mask``, compiled from the installed package's source.
+
+    pylidc itself does not import here (it needs ``pkg_resources`` and NumPy's removed ``np.bool`` /
+    ``np.int``), so the method's source is taken from ``pylidc/Annotation.py`` as it is and run
+    with a NumPy namespace that still has those two aliases. Returns None without pylidc.
+    """
+    import ast
+    import types
+
+    import matplotlib.path
+
+    spec = importlib.util.find_spec("pylidc")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(list(spec.submodule_search_locations)[0], "Annotation.py").read_text()
+    annotation = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Annotation")
+    method = next(n for n in annotation.body if isinstance(n, ast.FunctionDef) and n.name == "boolean_mask")
+    numpy_with_aliases = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    numpy_with_aliases.bool, numpy_with_aliases.int = bool, int
+    namespace = {"np": numpy_with_aliases, "mplpath": matplotlib.path}
+    exec(compile(ast.Module(body=[method], type_ignores=[]), "pylidc/Annotation.py", "exec"), namespace)
+    return namespace["boolean_mask"]
+
+
+def pylidc_mask(rois: list[tuple[bool, np.ndarray]], shape: tuple[int, int],
+                include_contour_points: bool = False) -> np.ndarray | None:
+    """One reader's mask on one slice by pylidc's own code (None without pylidc).
+
+    ``rois``: ``(inclusion, P x 2 (x=column, y=row) integer points)`` of one slice; ``shape``: the
+    slice's (rows, columns), which must contain every point.
+    """
+    boolean_mask = _pylidc_boolean_mask()
+    if boolean_mask is None:
+        return None
+    if not rois:
+        return np.zeros(shape, bool)
+
+    class Contour:  # what boolean_mask reads of a pylidc Contour
+        def __init__(self, inclusion, points):
+            self.inclusion, self.image_z_position, self._points = inclusion, 0.0, points
+
+        def to_matrix(self, include_k=True):
+            return np.asarray(self._points, dtype=int)[:, ::-1]  # (x, y) -> (i, j), as pylidc
+
+    annotation = type("Annotation", (), {})()  # what boolean_mask reads of a pylidc Annotation
+    annotation.contours = [Contour(inclusion, points) for inclusion, points in rois]
+    annotation.contour_slice_zvals = np.array([0.0])
+    annotation.contour_slice_indices = np.array([0])
+    annotation.scan = type("Scan", (), {"slice_zvals": np.array([0.0])})()
+    bbox = np.array([[0, shape[0] - 1], [0, shape[1] - 1], [0, 0]])
+    return boolean_mask(annotation, bbox=bbox, include_contour_points=include_contour_points)[:, :, 0]

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from ambiseg_monai.data import datalist as datalist_module
 from ambiseg_monai.data.datalist import (
     DATALIST_FILENAME,
+    OWNER_FILENAME,
     DatalistError,
     DatasetExistsError,
+    DatasetInterrupted,
     DatasetWriter,
     load_datalist,
     load_split,
@@ -171,6 +176,41 @@ def test_failed_validation_at_commit_leaves_no_dataset(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_inside_the_block_removes_the_temporary_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(DatasetInterrupted, match="interrupted by SIGTERM"):
+        with DatasetWriter(tmp_path / "ds", name="toy", modality="CT", num_raters=3, image_channels=1) as writer:
+            writer.add_item("training", "a", "p1", _image(rng), _raters(rng))
+            owner = json.loads((writer.root / OWNER_FILENAME).read_text())
+            assert owner["pid"] == os.getpid()
+            assert owner["start_time"] == datalist_module._process_start_time(os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+
+
+def test_a_signal_during_the_final_renames_waits_until_the_dataset_is_complete(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    replace = os.replace
+    sent = []
+
+    def replace_and_interrupt(source, destination):
+        if Path(destination) == tmp_path / "ds" and not sent:  # Ctrl-C at the rename into place
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        replace(source, destination)
+
+    monkeypatch.setattr(datalist_module.os, "replace", replace_and_interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:  # delivered to the caller's handler, after the commit
+        with DatasetWriter(tmp_path / "ds", name="toy", modality="CT", num_raters=3, image_channels=1) as writer:
+            writer.add_item("training", "a", "p1", _image(rng), _raters(rng))
+    assert not isinstance(caught.value, DatasetInterrupted)
+    assert validate_datalist(tmp_path / "ds")["num_items"]["training"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert not (tmp_path / "ds" / OWNER_FILENAME).exists()
+
+
 def test_bad_items_are_refused_with_the_case_named(tmp_path):
     rng = np.random.default_rng(0)
     with DatasetWriter(tmp_path / "ds", name="toy", modality="CT", num_raters=3, image_channels=1) as writer:
@@ -178,7 +218,7 @@ def test_bad_items_are_refused_with_the_case_named(tmp_path):
             writer.add_item("training", "x", "p", _image(rng), np.full((3, 6, 5), 0.5))
         nan_image = _image(rng)
         nan_image[0, 0, 0] = np.nan
-        with pytest.raises(DatalistError, match="case 'y' .* NaN"):
+        with pytest.raises(DatalistError, match="case 'y' .*: image contains 1 NaN or infinite pixel"):
             writer.add_item("training", "y", "p", nan_image, _raters(rng))
         with pytest.raises(DatalistError, match="case 'z' .* sizes differ"):
             writer.add_item("training", "z", "p", _image(rng), _raters(rng, size=(5, 5)))

@@ -15,7 +15,8 @@ from preprocessing.common import (
     InputError,
     Sample,
     WriteInWorker,
-    binarise_mask,
+    check_binary_mask,
+    check_finite,
     finish_import,
     normalise_minmax,
     register_written_samples,
@@ -80,8 +81,22 @@ def test_finish_import_refuses_an_empty_import(tmp_path):
 
 
 def test_mask_and_intensity_helpers():
-    np.testing.assert_array_equal(binarise_mask(np.array([0, 127, 128, 255])), [0, 0, 1, 1])
-    np.testing.assert_array_equal(binarise_mask(np.array([0.0, 0.49, 0.5, 1.0])), [0, 0, 1, 1])
+    # binary masks in their three stored forms -> uint8 {0, 1}
+    np.testing.assert_array_equal(check_binary_mask(np.array([0, 255, 255, 0], np.uint8), "m.png"), [0, 1, 1, 0])
+    np.testing.assert_array_equal(check_binary_mask(np.array([0.0, 1.0, 0.0]), "m.nii"), [0, 1, 0])
+    result = check_binary_mask(np.array([True, False]), "m")
+    assert result.dtype == np.uint8 and result.tolist() == [1, 0]
+    assert check_binary_mask(np.full(3, 255, np.uint8), "m").tolist() == [1, 1, 1]  # all foreground
+    # anything else is refused with the file and the values found
+    with pytest.raises(InputError, match=r"m.nii: mask is not binary \(values 0, 0.5\); expected 0/1, 0/255"):
+        check_binary_mask(np.array([0.0, 0.5, 0.5]), "m.nii")
+    with pytest.raises(InputError, match=r"m.png: mask is not binary \(values 0, 1, 255\)"):
+        check_binary_mask(np.array([0, 1, 1, 255], np.uint8), "m.png")
+    with pytest.raises(InputError, match=r"m.nii: mask contains 1 NaN value"):
+        check_binary_mask(np.array([0.0, np.nan, 1.0]), "m.nii")
+    with pytest.raises(InputError, match=r"a.nii: image contains 2 NaN or infinite value"):
+        check_finite(np.array([0.0, np.nan, np.inf]), "a.nii")
+    check_finite(np.array([1, 2], np.int16), "integers are always finite")
     mask = np.zeros((1, 8, 8), np.uint8)
     mask[0, 2:6, 2:6] = 1
     expected = [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
@@ -110,3 +125,17 @@ def test_write_in_worker_writes_files_and_leaves_no_orphans(tmp_path):
         finish_import(writer, summary, "src")
     assert sorted(p.name for p in (tmp_path / "ds" / "labels").iterdir()) == ["a.nii.gz", "b.nii.gz"]
     assert summary.to_dict()["empty_mask_fraction"]["all"] == 1.0
+
+
+def test_mixed_sizes_in_a_split_are_reported(tmp_path):
+    summary = ImportSummary("toy")
+    with DatasetWriter(tmp_path / "ds", "toy", "CT", 1, 1) as writer:
+        samples = [Sample("a", "p", np.zeros((1, 4, 4)), np.zeros((1, 4, 4))),
+                   Sample("b", "q", np.zeros((1, 6, 5)), np.zeros((1, 6, 5)))]
+        write_samples(writer, summary, samples, {"p": "training", "q": "training"})
+        finish_import(writer, summary, "src")
+    assert summary.warnings == [
+        "split 'training' mixes 2 image sizes, e.g. 4 x 4 (a), 6 x 5 (b); bundles batch whole images: prepare again "
+        "with --size H W unless the bundle resizes its inputs"
+    ]
+    assert summary.warnings[0] in summary.format()

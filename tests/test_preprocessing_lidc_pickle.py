@@ -86,3 +86,26 @@ def test_cli_prepare_lidc_pickle(tmp_path):
     assert cli_main(["prepare", "lidc-pickle", "--source", str(tmp_path / "p.pickle"), "--out",
                      str(tmp_path / "cli"), "--split", "seeded", "--no-progress"]) == 0
     assert validate_datalist(tmp_path / "cli")["num_items"] == {"training": 2, "validation": 2, "test": 2}
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [("numpy", "load"), ("numpy", "ndarray.tofile"), ("builtins", "eval"), ("posix", "system")],
+)
+def test_globals_outside_the_allowlist_are_refused(tmp_path, module, name):
+    crafted = tmp_path / "crafted.pickle"
+    crafted.write_bytes(pickle.PROTO + b"\x02" + pickle.GLOBAL + f"{module}\n{name}\n".encode() + pickle.EMPTY_TUPLE
+                        + pickle.REDUCE + pickle.STOP)
+    with pytest.raises(InputError, match=rf"crafted.pickle: not a readable LIDC pickle \(refusing to load "
+                                         rf"{module}.{name} "):
+        load_pickle(crafted)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_genuine_pickles_of_every_protocol_still_load(tmp_path, protocol):
+    data = {"k_1": {"image": np.arange(4, dtype=np.float32).reshape(2, 2),
+                    "masks": [np.eye(2, dtype=np.uint8)] * 4, "series_uid": "1.2"}}
+    (tmp_path / "p.pickle").write_bytes(pickle.dumps(data, protocol=protocol))
+    loaded = load_pickle(tmp_path / "p.pickle")
+    np.testing.assert_array_equal(loaded["k_1"]["image"], data["k_1"]["image"])
+    np.testing.assert_array_equal(loaded["k_1"]["masks"][2], np.eye(2))

@@ -19,17 +19,24 @@ def prepare_dataset(
     demo_dir: str | os.PathLike | None = "data/demo",
     required_splits: tuple[str, ...] = ("training",),
     check_files: bool = True,
+    same_size: bool = True,
 ) -> str:
-    """Check a dataset against the bundle's settings and return its path.
+    """Check a dataset against the bundle's settings and return its path (the training-start check).
 
     When ``dataset_dir`` is the default demo location (``demo_dir``) and holds no dataset yet, the
     demo dataset is generated there first. Any other missing folder is an error (never filled with
     demo data behind the user's back).
 
+    With ``check_files`` every file of every split is checked once: it exists, image and label
+    sizes and channel / rater counts agree, labels hold only 0 and 1, images only finite values;
+    with ``same_size`` all images of a split must also share one H x W (set it to False when the
+    bundle resizes its inputs). Results are remembered per file (path, size, modification time) in
+    the dataset's ``.validation_cache.json``, so later starts only re-read files that changed.
+
     Raises:
         ValueError: the dataset's ``image_channels`` differs from the network's, or the data fail
-            the contract (wrong rater count in a label file, missing files, ...; the message names
-            the datalist, the case and the file).
+            the contract (wrong rater count in a label file, missing files, non-binary labels,
+            NaN pixels, mixed sizes, ...; the message names the datalist, the case and the file).
     """
     path = Path(dataset_dir)
     if demo_dir is not None and path.resolve() == Path(demo_dir).resolve():
@@ -43,7 +50,10 @@ def prepare_dataset(
             f"bundle's network is configured for image_channels={image_channels}; set --image_channels "
             f"{datalist['image_channels']} (or use the dataset's overlay config)."
         )
-    validate_datalist(path, required_splits=required_splits, check_files=check_files, check_contents=False)
+    validate_datalist(
+        path, datalist, required_splits=required_splits, check_files=check_files, check_contents=True,
+        check_sizes=same_size, cache=True,
+    )
     return str(path)
 
 
