@@ -3,6 +3,8 @@
 from ambiseg_monai.diffusion.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler, ContinuousVPSchedule
 from ambiseg_monai.diffusion.gaussian import GaussianChain, discretized_gaussian_log_likelihood, normal_kl
 from ambiseg_monai.diffusion.losses import HybridDiffusionLoss, vlb_term
+from ambiseg_monai.diffusion.mixture_posterior import mixture_posterior_mean, rater_posterior_target
+from ambiseg_monai.diffusion.oracle import MixtureOracleDenoiser, signal_variance_of
 from ambiseg_monai.diffusion.parameterization import DiffusionParameterization
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion, sample_seed
 from ambiseg_monai.diffusion.weighting import LossWeighting
@@ -26,9 +28,13 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
     "evenly_spaced_timesteps",
     "make_generators",
+    "mixture_posterior_mean",
+    "MixtureOracleDenoiser",
     "normal_kl",
+    "rater_posterior_target",
     "reverse_diffusion",
     "sample_seed",
+    "signal_variance_of",
     "split_model_output",
     "vlb_term",
 ]
