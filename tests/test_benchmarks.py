@@ -10,7 +10,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from benchmarks import quality, run_all, sampler_overhead
+from ambiseg_monai.data.demo import DemoConfig, generate_demo_dataset
+from benchmarks import convergence, quality, run_all, sampler_overhead
 
 
 @pytest.mark.parametrize("script", sorted(run_all.SUITE))
@@ -49,6 +50,7 @@ def test_sampler_overhead_measures_both_parts():
 
 
 def test_quality_trains_scores_and_reuses_the_checkpoint(tmp_path, monkeypatch, capsys):
+    generate_demo_dataset(tmp_path / "demo", DemoConfig(num_training=64))  # the study's 64-image setting
     arguments = ["quality.py", "--methods", "prob_unet", "--epochs", "1", "--samples", "8", "--images", "2",
                  "--threads", "1", "--dataset-dir", str(tmp_path / "demo"), "--checkpoint-dir", str(tmp_path / "ckpt"),
                  "--json", str(tmp_path / "rows.json")]  # fmt: skip
@@ -75,3 +77,32 @@ def test_fast_setting_caps_rows_per_call_on_cpu_only():
     assert fast_max_rows(4, torch.device("cpu")) == 4
     assert fast_max_rows(0, torch.device("cpu")) is None  # 0: all N masks in one call
     assert fast_max_rows(4, torch.device("cuda")) is None  # a GPU always takes the whole batch
+
+
+def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkeypatch, capsys, small_demo_dataset):
+    rows = convergence.main(["--methods", "cimd", "prob_unet", "--iterations", "1", "2", "--samples", "2", "--images", "2",
+                             "--threads", "1", "--dataset-dir", small_demo_dataset, "--json", str(tmp_path / "rows.json"),
+                             "--plot", str(tmp_path / "convergence.png")])  # fmt: skip
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    assert set(by_method) == {"truth", "truth, 1-px jitter", "consensus construction", "cimd", "prob_unet"}
+    assert [row["iterations"] for row in by_method["cimd"]] == [1, 2]
+    for row in by_method["cimd"] + by_method["prob_unet"]:
+        assert 0.0 <= row["ged"] <= 2.0 and 0.0 <= row["mode_tv"] <= 1.0 and 0.0 <= row["isolated_pixels"] <= 1.0
+    truth, jittered = by_method["truth"][0], by_method["truth, 1-px jitter"][0]
+    # draws from the truth are exact modes: no speckle, and every sample matches a mode, so a
+    # one-pixel jitter of the same draws changes GED but not the mode assignment
+    assert truth["isolated_pixels"] == 0.0 and jittered["ged"] > truth["ged"]
+    assert jittered["mode_tv"] == pytest.approx(truth["mode_tv"])
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert (tmp_path / "convergence.png").stat().st_size > 1000
+    assert "| cimd | 2 |" in capsys.readouterr().out
+    # a saved bundle model file is scored with the weights its inference.json loads
+    network = ConfigParser()
+    network.read_config("bundles/prob_unet/configs/train.json")
+    network["device"] = "$torch.device('cpu')"
+    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
+                               "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
+    assert scored[-1]["method"] == "prob_unet" and scored[-1]["checkpoint"] == str(tmp_path / "model.pt")

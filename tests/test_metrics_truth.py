@@ -5,6 +5,8 @@ import torch
 
 from ambiseg_monai.metrics import (
     empty_fraction,
+    isolated_pixel_fraction,
+    region_inclusion_frequency,
     generalized_energy_distance,
     generalized_energy_distance_to_truth,
     mode_frequency_error,
@@ -93,3 +95,35 @@ def test_bad_probabilities_are_rejected():
         )
     with pytest.raises(ValueError, match="weights"):
         empty_fraction(modes, torch.tensor([[-1.0, 2.0]]))
+
+
+def test_region_inclusion_frequency_counts_non_empty_samples_only():
+    # regions on 1 x 4 pixels: lobe A = pixels 2..3, lobe B = pixel 0
+    regions = _masks([0, 0, 1, 1], [1, 0, 0, 0])[None]
+    # samples: empty (ignored), covers all of A, covers half of A (not more than 0.5) and B, covers B only
+    preds = _masks(EMPTY, [0, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0])[None]
+    freq = region_inclusion_frequency(preds, regions)
+    assert freq.dtype == torch.float64
+    assert freq.tolist() == [[pytest.approx(1 / 3), pytest.approx(2 / 3)]]
+    # a lower coverage threshold counts the half-covered lobe A
+    assert region_inclusion_frequency(preds, regions, min_coverage=0.4)[0, 0].item() == pytest.approx(2 / 3)
+    # padded regions read 0; all-empty samples give 0
+    masked = region_inclusion_frequency(preds, regions, region_mask=torch.tensor([[True, False]]))
+    assert masked[0, 1].item() == 0.0
+    assert region_inclusion_frequency(_masks(EMPTY, EMPTY)[None], regions).tolist() == [[0.0, 0.0]]
+
+
+def test_region_inclusion_frequency_rejects_empty_real_regions():
+    with pytest.raises(ValueError, match="empty"):
+        region_inclusion_frequency(_masks(CORE)[None], _masks(EMPTY)[None])
+
+
+def test_isolated_pixel_fraction_hand_computed():
+    masks = torch.zeros(1, 2, 5, 5, dtype=torch.bool)
+    masks[0, 0, 1:3, 1:3] = True  # a 2 x 2 blob: no isolated pixel
+    masks[0, 0, 4, 4] = True  # one speck
+    masks[0, 1, 0, 4] = True  # another speck (corner, padding counts as background)
+    masks[0, 1, 2, 0] = masks[0, 1, 3, 1] = True  # diagonal neighbours are not isolated
+    # foreground 4 + 1 + 1 + 2 = 8 pixels, 2 isolated
+    assert isolated_pixel_fraction(masks).tolist() == [0.25]
+    assert isolated_pixel_fraction(torch.zeros(2, 1, 3, 3)).tolist() == [0.0, 0.0]

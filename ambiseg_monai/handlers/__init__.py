@@ -56,3 +56,6 @@ from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler
 from ambiseg_monai.handlers.provenance import ProvenanceHandler
 
 __all__ += ["GenerationCurveHandler", "ProvenanceHandler"]
+from ambiseg_monai.handlers.truth import TRUTH_KEYS, TRUTH_METRIC_NAMES, TruthMetricsHandler, render_mode_frequencies
+
+__all__ += ["TruthMetricsHandler", "TRUTH_KEYS", "TRUTH_METRIC_NAMES", "render_mode_frequencies"]

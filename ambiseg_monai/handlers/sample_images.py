@@ -71,10 +71,17 @@ def render_sample_grid(
             axes[b, 0].set_ylabel(str(case_ids[b]), fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (creating the folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -56,12 +56,18 @@ from ambiseg_monai.metrics.truth import (  # noqa: E402
     empty_fraction,
     generalized_energy_distance_to_truth,
     mode_frequency_error,
+    region_inclusion_frequency,
     sampled_mode_frequencies,
+    truth_scores,
 )
+from ambiseg_monai.metrics.speckle import isolated_pixel_fraction  # noqa: E402
 
 __all__ += [
     "generalized_energy_distance_to_truth",
     "sampled_mode_frequencies",
     "mode_frequency_error",
     "empty_fraction",
+    "region_inclusion_frequency",
+    "truth_scores",
+    "isolated_pixel_fraction",
 ]

@@ -11,8 +11,14 @@ itself instead of against a handful of rater draws:
 - :func:`sampled_mode_frequencies` / :func:`mode_frequency_error`: assign every sample to the mode it
   overlaps best (IoU) and compare the modes' sampled frequencies with their true probabilities.
 - :func:`empty_fraction`: the (probability-weighted) fraction of empty masks, for samples and for the truth.
+- :func:`region_inclusion_frequency`: for parts of the structure that raters include independently with a
+  known probability (the demo's lobes), the fraction of the non-empty samples that include each part. It
+  measures the frequencies alone: a sample with a ragged outline still includes or excludes a lobe, while
+  its mode assignment may change, so mode frequencies mix shape quality with frequencies.
 
-Modes may be padded (images with fewer modes): give them probability 0 and ``mode_mask`` False.
+:func:`truth_scores` computes all of them at once per image (what the evaluator handler and the
+benchmarks report). Modes may be padded (images with fewer modes): give them probability 0 and
+``mode_mask`` False.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ __all__ = [
     "sampled_mode_frequencies",
     "mode_frequency_error",
     "empty_fraction",
+    "region_inclusion_frequency",
+    "truth_scores",
 ]
 
 
@@ -145,3 +153,93 @@ def empty_fraction(masks: torch.Tensor, weights: torch.Tensor | None = None) -> 
     if bool((weights < 0).any()) or bool((weights.sum(1) <= 0).any()):
         raise ValueError("weights: must be non-negative with a positive sum per image.")
     return (empty * weights).sum(1) / weights.sum(1)
+
+
+def region_inclusion_frequency(
+    preds: torch.Tensor,
+    regions: torch.Tensor,
+    region_mask: torch.Tensor | None = None,
+    min_coverage: float = 0.5,
+) -> torch.Tensor:
+    """Fraction of the non-empty samples that include each region (cover more than ``min_coverage`` of it).
+
+    For a structure whose parts raters include independently (the demo's lobes: a rater who sees the
+    lesion includes lobe l with probability ``p_l``), compare the result with ``p_l``. Empty samples are
+    left out because ``p_l`` is conditional on the lesion being drawn at all (the empty fraction is
+    scored on its own).
+
+    Args:
+        preds: B x N x H x W binary samples.
+        regions: B x L x H x W binary region masks (each non-empty unless padded).
+        region_mask: optional B x L bool marking real regions; padded regions get frequency 0.
+        min_coverage: a sample includes a region when it covers strictly more than this fraction of it.
+
+    Returns:
+        B x L float64 frequencies; 0 for an image whose samples are all empty.
+    """
+    preds = check_binary_stack(preds, "preds")
+    regions = check_binary_stack(regions, "regions")
+    check_same_geometry(preds, regions)
+    region_mask = check_rater_mask(region_mask, regions)
+    if not 0.0 <= float(min_coverage) < 1.0:
+        raise ValueError(f"min_coverage must lie in [0, 1), got {min_coverage}.")
+    flat_preds = preds.flatten(2).to(torch.float64)  # B x N x P
+    flat_regions = regions.flatten(2).to(torch.float64)  # B x L x P
+    sizes = flat_regions.sum(2)  # B x L
+    if bool(((sizes == 0) & region_mask).any()):
+        raise ValueError("regions: a real region (region_mask True) is empty.")
+    covered = torch.einsum("bnp,blp->bnl", flat_preds, flat_regions) / sizes.clamp(min=1)[:, None, :]
+    included = (covered > min_coverage).to(torch.float64)  # B x N x L
+    drawn = flat_preds.any(2).to(torch.float64)  # B x N: the non-empty samples
+    counts = (included * drawn[..., None]).sum(1)  # B x L
+    frequency = counts / drawn.sum(1, keepdim=True).clamp(min=1)
+    return frequency * region_mask
+
+
+def truth_scores(
+    preds: torch.Tensor,
+    modes: torch.Tensor,
+    probabilities: torch.Tensor,
+    mode_mask: torch.Tensor | None = None,
+    regions: torch.Tensor | None = None,
+    region_probabilities: torch.Tensor | None = None,
+    region_mask: torch.Tensor | None = None,
+    min_coverage: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Every score of samples against a known distribution, per image.
+
+    Args:
+        preds: B x N x H x W binary samples.
+        modes, probabilities, mode_mask: the true distribution (see :func:`generalized_energy_distance_to_truth`).
+        regions, region_probabilities, region_mask: optional B x L x H x W regions that raters include
+            independently (the demo's lobes), their B x L inclusion probabilities and B x L bool mask.
+        min_coverage: see :func:`region_inclusion_frequency`.
+
+    Returns:
+        ``{"ged": B, "mode_tv": B, "empty_error": B, "lobe_error": B (NaN for an image without regions),
+        "frequencies": B x K}``, float64. ``mode_tv`` is ``Σ_k |f_k - p_k| / 2 + (1 - Σ_k f_k) / 2``:
+        samples that match no mode count as misplaced mass.
+    """
+    overlaps = _overlaps(preds, modes, mode_mask)
+    mode_mask = overlaps.rater_mask
+    p = _check_probabilities(probabilities, modes, mode_mask)
+    frequencies = sampled_mode_frequencies(preds, modes, mode_mask)
+    mode_tv = 0.5 * ((frequencies - p).abs() * mode_mask).sum(1) + 0.5 * (1.0 - frequencies.sum(1))
+    true_empty = (p * (~modes.flatten(2).any(2))).sum(1)
+    scores = {
+        "ged": generalized_energy_distance_to_truth(preds, modes, p, mode_mask),
+        "mode_tv": mode_tv,
+        "empty_error": (empty_fraction(preds) - true_empty).abs(),
+        "lobe_error": torch.full_like(mode_tv, float("nan")),
+        "frequencies": frequencies,
+    }
+    if regions is not None:
+        if region_probabilities is None:
+            raise ValueError("region_probabilities are needed with regions.")
+        region_mask = check_rater_mask(region_mask, check_binary_stack(regions, "regions"))
+        inclusion = region_inclusion_frequency(preds, regions, region_mask, min_coverage)
+        q = torch.as_tensor(region_probabilities, device=inclusion.device).to(torch.float64)
+        count = region_mask.sum(1)
+        errors = ((inclusion - q).abs() * region_mask).sum(1) / count.clamp(min=1)
+        scores["lobe_error"] = torch.where(count > 0, errors, scores["lobe_error"])
+    return scores
