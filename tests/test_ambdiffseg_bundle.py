@@ -43,7 +43,7 @@ def _settings(tmp_path: Path, dataset: str, **extra) -> dict:
     return {
         **TINY,
         "dataset_dir": dataset,
-        "demo_dir": dataset,
+        "demo_dir": None,
         "output_dir": str(tmp_path / "run"),
         "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
         **extra,

@@ -81,8 +81,12 @@ def test_ensure_demo_dataset_generates_once(tmp_path):
     target = tmp_path / "demo"
     assert ensure_demo_dataset(target, image_size=16, num_training=2, num_validation=1, num_test=1) == str(target)
     stamp = (target / "datalist.json").stat().st_mtime_ns
-    ensure_demo_dataset(target, image_size=16)
+    ensure_demo_dataset(target, image_size=16, num_training=2, num_validation=1, num_test=1)
     assert (target / "datalist.json").stat().st_mtime_ns == stamp  # not regenerated
+    # a demo generated with other settings (an older default) is kept, with a warning saying how to refresh it
+    with pytest.warns(UserWarning, match=r"num_training=2 \(wanted 1024\).*ambiseg prepare demo --out .* --overwrite"):
+        ensure_demo_dataset(target, warn_if_different=True, image_size=16)
+    assert (target / "datalist.json").stat().st_mtime_ns == stamp
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("user files")
     with pytest.raises(FileExistsError, match="already holds files"):

@@ -24,15 +24,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ambiseg_monai.data.datalist import DATALIST_FILENAME, DatasetExistsError, DatasetWriter, validate_datalist
+from ambiseg_monai.data.datalist import (
+    DATALIST_FILENAME,
+    DatasetExistsError,
+    DatasetWriter,
+    load_datalist,
+    validate_datalist,
+)
 
-__all__ = ["DemoConfig", "DemoCase", "make_demo_case", "generate_demo_dataset", "ensure_demo_dataset"]
+__all__ = [
+    "DemoConfig",
+    "DemoCase",
+    "make_demo_case",
+    "generate_demo_dataset",
+    "ensure_demo_dataset",
+    "lobe_regions",
+]
 
 LOBE_PROBABILITIES = (0.25, 0.5, 0.75)  # inclusion probability = lobe intensity relative to the core
 FAINT_EMPTY_PROBABILITY = 0.25  # a faint lesion is missed by a rater with this probability
@@ -42,10 +56,15 @@ SPLIT_OFFSETS = {"training": 0, "validation": 1, "test": 2}
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and counts of the demo dataset (defaults keep CPU demo training to minutes)."""
+    """Sizes and counts of the demo dataset (defaults keep CPU demo training to minutes).
+
+    1024 training images: with 4 raters per image, 64 images (the earlier default) let a model
+    memorise each image's 4 draws instead of learning how a lobe's intensity sets its probability
+    (docs/benchmarks.md, "CIMD"); generating 1024 takes about 3 s.
+    """
 
     image_size: int = 32
-    num_training: int = 64
+    num_training: int = 1024
     num_validation: int = 16
     num_test: int = 16
     num_raters: int = 4
@@ -158,6 +177,27 @@ def make_demo_case(rng: np.random.Generator, config: DemoConfig) -> DemoCase:
     )
 
 
+def lobe_regions(modes: np.ndarray, mode_names: list[str], num_lobes: int) -> np.ndarray:
+    """The lobes of a demo truth as L x H x W masks: mode ``core+lobe<l>`` minus mode ``core``.
+
+    A rater who sees the lesion includes lobe l with probability ``lobe_probabilities[l]``
+    independently of the other lobes, so a model's inclusion frequency of each lobe among its
+    non-empty samples estimates exactly that probability
+    (:func:`~ambiseg_monai.metrics.region_inclusion_frequency`).
+
+    Args:
+        modes: K x H x W candidate masks of one image (the stored truth).
+        mode_names: the K names (``"empty"``, ``"core"``, ``"core+lobe1"``, ...).
+        num_lobes: L, the length of the item's ``lobe_probabilities``.
+    """
+    masks = np.asarray(modes) > 0
+    try:
+        core = masks[mode_names.index("core")]
+        return np.stack([masks[mode_names.index(f"core+lobe{i + 1}")] & ~core for i in range(num_lobes)])
+    except ValueError as error:
+        raise ValueError(f"the truth has no mode named as the demo's ('core', 'core+lobe<l>'): {error}") from error
+
+
 def generate_demo_dataset(out_dir: str | os.PathLike, config: DemoConfig | None = None, overwrite: bool = False) -> dict:
     """Write the demo dataset to ``out_dir`` (atomically) and return the validation summary.
 
@@ -203,21 +243,42 @@ def generate_demo_dataset(out_dir: str | os.PathLike, config: DemoConfig | None 
     return writer.summary or {}
 
 
-def ensure_demo_dataset(dataset_dir: str | os.PathLike, **config_overrides) -> str:
+def ensure_demo_dataset(dataset_dir: str | os.PathLike, warn_if_different: bool = False, **config_overrides) -> str:
     """Return ``dataset_dir``, generating the demo dataset there first if it has no datalist.
 
     Bundles call this for their default ``dataset_dir`` so a fresh checkout trains without any
-    download. Safe when several processes (distributed ranks) call it at once.
+    download. Safe when several processes (distributed ranks) call it at once. With
+    ``warn_if_different`` (the bundles' default location), a demo generated with other parameters
+    than ``config_overrides`` ask for (e.g. by an older version) is kept, with a warning that says
+    how to regenerate it.
     """
     dataset_dir = Path(dataset_dir)
+    config = DemoConfig(**config_overrides)
     if not (dataset_dir / DATALIST_FILENAME).exists():
         try:
-            generate_demo_dataset(dataset_dir, DemoConfig(**config_overrides))
+            generate_demo_dataset(dataset_dir, config)
         except DatasetExistsError:
             if not (dataset_dir / DATALIST_FILENAME).exists():  # someone else's files, not a dataset
                 raise
     validate_datalist(dataset_dir, check_files=False)
+    if warn_if_different:
+        _warn_if_other_demo(dataset_dir, config)
     return str(dataset_dir)
+
+
+def _warn_if_other_demo(dataset_dir: Path, config: DemoConfig) -> None:
+    """Warn when ``dataset_dir`` holds a demo generated with other settings (e.g. an older default)."""
+    generator = load_datalist(dataset_dir).get("generator")
+    if not isinstance(generator, dict) or generator.get("name") != __name__:
+        return  # not generated by this module: the user's own data
+    wanted = asdict(config)
+    differences = [f"{key}={generator.get(key)!r} (wanted {value!r})" for key, value in wanted.items() if generator.get(key) != value]
+    if differences:
+        warnings.warn(
+            f"{dataset_dir} holds a demo dataset generated with {', '.join(differences)}; results will differ "
+            f"from the documented ones. Regenerate it with: ambiseg prepare demo --out {dataset_dir} --overwrite",
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Engine pieces for MONAI's SupervisedTrainer / SupervisedEvaluator: prepare_batch, inferers, helpers."""
 
 from ambiseg_monai.engines.bundle_helpers import (
+    cpu_autocast_dtype,
+    cpu_has_native_bf16,
     inference_items,
     network_to_device,
     padded_rater_count,
@@ -37,6 +39,8 @@ __all__ = [
     "padded_rater_count",
     "prepare_dataset",
     "use_amp",
+    "cpu_autocast_dtype",
+    "cpu_has_native_bf16",
     "ConsensusSamplingInferer",
     "UnpackPredictiond",
     "ContinuousDiffusionTrainingInferer",

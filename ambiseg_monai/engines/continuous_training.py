@@ -14,6 +14,7 @@ warm-up, constant, then cosine decay to 0 over the last ``decay_steps`` iteratio
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,6 +22,8 @@ from monai.inferers import Inferer
 
 from ambiseg_monai.diffusion.continuous import ContinuousVPScheduler
 from ambiseg_monai.diffusion.gaussian import mean_over_pixels
+from ambiseg_monai.diffusion.mixture_posterior import rater_posterior_target
+from ambiseg_monai.diffusion.sampler import autocast_dtype_from_name
 from ambiseg_monai.diffusion.weighting import LossWeighting
 from ambiseg_monai.engines.inferers import mask_to_symmetric
 
@@ -50,6 +53,11 @@ class ContinuousDiffusionTrainingInferer(Inferer):
             noises the targets, its parameterisation turns the network output into x̂_0).
         weighting: the loss weighting w(t) (default: truncated SNR).
         stratified_times: draw t stratified over the batch (see :func:`sample_training_times`).
+        autocast_dtype: as in :class:`~ambiseg_monai.engines.DiffusionTrainingInferer` (bf16 network
+            call on CPUs with native bf16; the loss stays float32).
+        rater_posterior_targets: regress x̂_0 on ``E[x_0 | x_t, the image's raters]``, as in
+            :class:`~ambiseg_monai.engines.DiffusionTrainingInferer` (needs ``raters`` from the
+            prepare_batch's ``rater_key``).
 
     ``__call__(inputs, network, target=..., class_labels=None)``: ``inputs`` the images B x C x H x W,
     ``target`` the training masks B x 1 x H x W in [0, 1]. Returns a dict with (B,) ``l_simple``
@@ -62,6 +70,8 @@ class ContinuousDiffusionTrainingInferer(Inferer):
         scheduler: ContinuousVPScheduler,
         weighting: LossWeighting | None = None,
         stratified_times: bool = True,
+        autocast_dtype: str | None = None,
+        rater_posterior_targets: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, ContinuousVPScheduler):
@@ -73,6 +83,8 @@ class ContinuousDiffusionTrainingInferer(Inferer):
         self.scheduler = scheduler
         self.weighting = weighting or LossWeighting()
         self.stratified_times = stratified_times
+        self.autocast_dtype = autocast_dtype_from_name(autocast_dtype)
+        self.rater_posterior_targets = rater_posterior_targets
 
     def __call__(  # type: ignore[override]
         self,
@@ -81,6 +93,8 @@ class ContinuousDiffusionTrainingInferer(Inferer):
         *args,
         target: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        raters: torch.Tensor | None = None,
+        rater_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict[str, torch.Tensor]:
         if target is None:
@@ -91,7 +105,13 @@ class ContinuousDiffusionTrainingInferer(Inferer):
         timesteps = sample_training_times(x0.shape[0], self.stratified_times, device=inputs.device)
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
-        out = network(x_t, timesteps, class_labels=class_labels, image=inputs, target=x0)
+        mixed_precision = (
+            torch.autocast(inputs.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with mixed_precision:
+            out = network(x_t, timesteps, class_labels=class_labels, image=inputs, target=x0)
         if isinstance(out, tuple):
             raise ValueError("ContinuousDiffusionTrainingInferer expects a denoiser without auxiliary loss terms.")
         if out.shape != x0.shape:
@@ -101,8 +121,17 @@ class ContinuousDiffusionTrainingInferer(Inferer):
         # the loss is computed in float32 even under autocast: the SNR weights span many decades
         pred_x0, _ = self.scheduler.predict(out.float(), x_t.float(), timesteps)
         weights = self.weighting(timesteps, self.scheduler.schedule).to(device=x0.device, dtype=torch.float32)
+        x0_target = x0
+        if self.rater_posterior_targets:
+            if raters is None:
+                raise ValueError(
+                    "rater_posterior_targets needs the raters: set the prepare_batch's rater_key "
+                    "(DiffusionTrainingPrepareBatch(rater_key='label'))."
+                )
+            gamma = torch.as_tensor(self.scheduler.schedule.gamma(timesteps.detach().double())).to(x0.device)
+            x0_target = rater_posterior_target(x_t.float(), raters.to(x0.device), rater_mask, gamma)
         return {
-            "l_simple": weights * mean_over_pixels((pred_x0 - x0) ** 2),
+            "l_simple": weights * mean_over_pixels((pred_x0 - x0_target) ** 2),
             "loss_weights": weights,
             "model_output": out,
             "pred_x0": pred_x0,

@@ -54,6 +54,9 @@ class DiffusionTrainingPrepareBatch(PrepareBatch):
         class_label_key: key of per-image integer labels (consensus level, rater id) or None.
         image_channels: when set, a batch with another channel count raises a clear error.
         channels_last: use channels-last memory on CUDA.
+        rater_key, rater_mask_key: when ``rater_key`` is set, also pass all raters (B x R x H x W)
+            and the rater mask (B x R) as the inferer keywords ``raters`` and ``rater_mask`` (for
+            rater-posterior training targets).
     """
 
     def __init__(
@@ -63,12 +66,16 @@ class DiffusionTrainingPrepareBatch(PrepareBatch):
         class_label_key: str | None = None,
         image_channels: int | None = None,
         channels_last: bool = True,
+        rater_key: str | None = None,
+        rater_mask_key: str = "rater_mask",
     ) -> None:
         self.image_key = image_key
         self.target_key = target_key
         self.class_label_key = class_label_key
         self.image_channels = image_channels
         self.channels_last = channels_last
+        self.rater_key = rater_key
+        self.rater_mask_key = rater_mask_key
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
         image = to_engine_tensor(_require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last)
@@ -81,7 +88,19 @@ class DiffusionTrainingPrepareBatch(PrepareBatch):
         labels = None
         if self.class_label_key is not None:
             labels = to_engine_tensor(_require(batchdata, self.class_label_key, "class labels"), device).long().flatten()
-        return image, target, (), {"target": target, "class_labels": labels}
+        kwargs_out = {"target": target, "class_labels": labels}
+        if self.rater_key is not None:
+            raters = to_engine_tensor(_require(batchdata, self.rater_key, "all raters' masks"), device, non_blocking)
+            if raters.ndim != 4 or raters.shape[0] != image.shape[0] or raters.shape[2:] != image.shape[2:]:
+                raise ValueError(
+                    f"'{self.rater_key}' must be B x R x H x W matching the images {tuple(image.shape)}, "
+                    f"got {tuple(raters.shape)}."
+                )
+            kwargs_out["raters"] = raters
+            kwargs_out["rater_mask"] = to_engine_tensor(
+                _require(batchdata, self.rater_mask_key, "which raters are real"), device, non_blocking
+            ).bool()
+        return image, target, (), kwargs_out
 
 
 class SamplingPrepareBatch(PrepareBatch):
