@@ -31,13 +31,23 @@ __all__ = [
 ]
 
 # training/evaluation helpers (checkpoint resume, gradient clipping, loss logging, MLflow, PNG grids)
-from ambiseg_monai.handlers.checkpoint import RequiredCheckpointLoader, ResumableCheckpointer, latest_checkpoint
+from ambiseg_monai.handlers.checkpoint import (
+    AtomicCheckpointSaver,
+    AtomicDiskSaver,
+    RequiredCheckpointLoader,
+    ResumableCheckpointer,
+    atomic_save,
+    latest_checkpoint,
+)
 from ambiseg_monai.handlers.gradient_clipping import GradientClipping
 from ambiseg_monai.handlers.loss_terms import loss_terms_from_output
 from ambiseg_monai.handlers.mlflow_logging import MLflowConfigLogger, default_run_name
 from ambiseg_monai.handlers.sample_images import SampleGridHandler, render_sample_grid
 
 __all__ += [
+    "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
+    "atomic_save",
     "GradientClipping",
     "MLflowConfigLogger",
     "RequiredCheckpointLoader",
@@ -59,3 +69,7 @@ __all__ += ["GenerationCurveHandler", "ProvenanceHandler"]
 from ambiseg_monai.handlers.truth import TRUTH_KEYS, TRUTH_METRIC_NAMES, TruthMetricsHandler, render_mode_frequencies
 
 __all__ += ["TruthMetricsHandler", "TRUTH_KEYS", "TRUTH_METRIC_NAMES", "render_mode_frequencies"]
+from ambiseg_monai.handlers.mlflow_logging import GuardedMLFlowHandler
+from ambiseg_monai.handlers.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+
+__all__ += ["GuardedMLFlowHandler", "NonFiniteGuard", "NonFiniteTrainingError"]

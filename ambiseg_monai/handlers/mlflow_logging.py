@@ -2,7 +2,9 @@
 
 MONAI's ``MLFlowHandler`` owns the run (tracking URI, experiment, metrics, parameters). The helpers
 here log into *that* run through the handler's client, so every bundle writes one run per training
-to the shared store (``sqlite:///mlruns.db`` by default).
+to the shared store (``sqlite:///mlruns.db`` by default). :class:`GuardedMLFlowHandler` is that
+handler with a client that survives a tracking server failing mid-run (see
+:class:`ambiseg_monai.reporting.tracking.FailoverClient`).
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
 
 __all__ = [
     "default_run_name",
@@ -25,6 +29,7 @@ __all__ = [
     "config_files_from_argv",
     "MLflowConfigLogger",
     "MLflowMetricsLogger",
+    "GuardedMLFlowHandler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,3 +153,45 @@ class MLflowMetricsLogger:
         for name, value in engine.state.metrics.items():
             if isinstance(value, (int, float)):
                 self.mlflow_handler.client.log_metric(run_id, f"{self.prefix}{name}", float(value))
+
+
+class GuardedMLFlowHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` whose logging survives the tracking server failing during the run.
+
+    Same arguments as ``MLFlowHandler``. With an ``http(s)://`` tracking URI (the argument, or
+    ``MLFLOW_TRACKING_URI``, which MONAI gives priority) the handler's ``client`` is a
+    :class:`~ambiseg_monai.reporting.tracking.FailoverClient`: each request is bounded (one retry, 3 s
+    timeout), and when the server stops answering, the rest of the run (including the request that failed)
+    goes to the local SQLite store with a warning that gives the sync command. Every helper that logs
+    through ``mlflow_handler.client`` (provenance, config, sample images, metrics) follows. Local stores
+    (``sqlite:///``) are used as they are.
+
+    Args:
+        tracking_uri: as for ``MLFlowHandler``.
+        offline_tracking_uri: the store used after a failure; default ``$AMBISEG_OFFLINE_TRACKING_URI`` or
+            ``sqlite:///mlruns-offline.db``.
+        http_limits: MLflow HTTP variables applied to each request (default
+            :data:`~ambiseg_monai.reporting.tracking.HTTP_LIMITS`; a variable set in the environment wins).
+        kwargs: the other ``MLFlowHandler`` arguments.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        offline_tracking_uri: str | None = None,
+        http_limits: Mapping[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        from ambiseg_monai.reporting.tracking import FailoverClient
+
+        super().__init__(tracking_uri=tracking_uri, **kwargs)
+        effective = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+        if effective.startswith(("http://", "https://")):
+            self.client = FailoverClient(
+                self.client,
+                effective,
+                offline_uri=offline_tracking_uri,
+                experiment_name=self.experiment_name,
+                run_name=self.run_name,
+                http_limits=http_limits,
+            )

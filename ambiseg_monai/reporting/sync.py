@@ -8,6 +8,12 @@ Experiments are matched by name (created in the destination when missing). Each 
 its name, start/end time, status, params, tags, full metric histories, dataset inputs and artifacts,
 and tagged ``ambiseg.synced_from=<source run id>``; a run already copied is skipped, so running the
 command twice copies nothing twice.
+
+A run that *continues* a destination run (logged offline after the server failed mid-run, tagged
+``ambiseg.continues_run=<server run id>``) is merged into that run instead: its metric histories, the
+params and tags the server run lacks, its artifacts and its final status are added to it, and the server
+run is tagged ``ambiseg.synced_from.<source run id>`` so the merge also happens only once. When the
+destination has no such run (another server), the run is copied as above.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, ViewType
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 
 from ambiseg_monai.reporting import naming
+from ambiseg_monai.reporting.tracking import TAG_CONTINUES_RUN, TAG_CONTINUES_URI
 
 __all__ = ["SyncedRun", "sync_runs", "configure_parser", "main"]
 
@@ -39,6 +46,7 @@ class SyncedRun:
     source_run_id: str
     destination_run_id: str | None
     copied: bool  # False: it was already in the destination
+    merged: bool = False  # True: added to the destination run it continues (see TAG_CONTINUES_RUN)
 
 
 def _all_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
@@ -73,6 +81,46 @@ def _copy_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run
             destination.log_artifacts(run_id, str(local))
     if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
         destination.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    return run_id
+
+
+def _merged_marker(source_run_id: str) -> str:
+    return f"{naming.TAG_SYNCED_FROM}.{source_run_id}"
+
+
+def _continued_run(destination: mlflow.MlflowClient, run):
+    """The destination run that ``run`` continues (None when it continues none, or one this store lacks)."""
+    target_id = run.data.tags.get(TAG_CONTINUES_RUN)
+    if not target_id:
+        return None
+    try:
+        target = destination.get_run(target_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return None if target.info.lifecycle_stage != "active" else target
+
+
+def _merge_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, target) -> str:
+    """Add ``run`` (continued offline) to ``target``, the server run it continues."""
+    run_id = target.info.run_id
+    metrics = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in run.data.metrics
+        for m in source.get_metric_history(run.info.run_id, key)
+    ]
+    params = [Param(k, v) for k, v in run.data.params.items() if k not in target.data.params]
+    skipped = (*_SKIPPED_TAGS, TAG_CONTINUES_RUN, TAG_CONTINUES_URI)
+    tags = [RunTag(k, v) for k, v in run.data.tags.items() if k not in skipped and k not in target.data.tags]
+    destination.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+    if run.inputs is not None and run.inputs.dataset_inputs:
+        destination.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(source.download_artifacts(run.info.run_id, "", tmp))
+        if any(local.iterdir()):
+            destination.log_artifacts(run_id, str(local))
+    if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        destination.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    destination.set_tag(run_id, _merged_marker(run.info.run_id), "merged")  # last: a failed merge is redone
     return run_id
 
 
@@ -114,7 +162,14 @@ def sync_runs(
         }
         # oldest first, so the destination lists runs in the order they were made
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-            if run.info.run_id in done:
+            target = _continued_run(destination, run)
+            if target is not None:
+                if _merged_marker(run.info.run_id) in target.data.tags:
+                    results.append(SyncedRun(name, run.info.run_id, target.info.run_id, copied=False, merged=True))
+                else:
+                    _merge_run(source, destination, run, target)
+                    results.append(SyncedRun(name, run.info.run_id, target.info.run_id, copied=True, merged=True))
+            elif run.info.run_id in done:
                 results.append(SyncedRun(name, run.info.run_id, done[run.info.run_id], copied=False))
             else:
                 new_id = _copy_run(source, destination, run, experiment_id)
@@ -136,7 +191,9 @@ def main(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(r.experiment for r in results):
         copied = sum(r.copied for r in results if r.experiment == name)
         skipped = sum(not r.copied for r in results if r.experiment == name)
-        print(f"{name}: {copied} run(s) copied, {skipped} already present")
+        merged = sum(r.copied and r.merged for r in results if r.experiment == name)
+        note = f" ({merged} merged into the server run it continues)" if merged else ""
+        print(f"{name}: {copied} run(s) copied{note}, {skipped} already present")
     if not results:
         print("nothing to copy: the source store has no runs")
     return 0
