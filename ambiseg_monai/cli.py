@@ -26,6 +26,7 @@ PREPARE_COMMANDS: dict[str, tuple[str, str]] = {
 TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("ambiseg_monai.reporting.compare", "compare methods across MLflow runs: table, plots, comparison run"),
     "export": ("ambiseg_monai.deploy.export", "export a trained bundle as TorchScript with its configs and metadata"),
+    "sync": ("ambiseg_monai.reporting.sync", "copy runs logged offline (e.g. during a server outage) into a tracking server"),
 }
 
 # Errors a user can cause with arguments or input files: reported in one line, no traceback.

@@ -202,7 +202,7 @@ def train_or_load(method: str, parser: ConfigParser, checkpoint_dir: str | None)
     network = parser.get_parsed_content("network")
     saved = Path(checkpoint_dir) / f"{method}.pt" if checkpoint_dir else None
     if saved is not None and saved.exists():
-        stored = torch.load(saved, map_location=next(network.parameters()).device)
+        stored = torch.load(saved, map_location=next(network.parameters()).device, weights_only=True)
         network.load_state_dict(stored["network"])
         return network.eval(), stored["row"]
     trainer = parser.get_parsed_content("train#trainer")

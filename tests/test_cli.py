@@ -66,3 +66,22 @@ def test_prepare_demo_does_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sync_copies_offline_runs_into_another_store(tmp_path, capsys):
+    import mlflow
+
+    source, destination = f"sqlite:///{tmp_path / 'offline.db'}", f"sqlite:///{tmp_path / 'server.db'}"
+    mlflow.set_tracking_uri(source)
+    try:
+        mlflow.set_experiment("cimd")
+        with mlflow.start_run(run_name="offline_part"):
+            mlflow.log_metric("ged", 0.5, step=1)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert main(["sync", "--from", source, "--to", destination]) == 0
+    assert "cimd: 1 run(s) copied" in capsys.readouterr().out
+    runs = mlflow.MlflowClient(destination).search_runs([mlflow.MlflowClient(destination).get_experiment_by_name("cimd").experiment_id])
+    assert [run.data.metrics["ged"] for run in runs] == [0.5]
+    assert main(["sync", "--from", source, "--to", destination]) == 0  # nothing new the second time
+    assert "0 run(s) copied" in capsys.readouterr().out
