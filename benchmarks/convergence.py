@@ -329,6 +329,9 @@ def plot(rows: list[dict], path: str) -> None:
             if label in floors and not math.isnan(floors[label][name]):
                 ax.axhline(floors[label][name], color="0.3", ls=style, lw=1, label=f"{label} ({floors[label]['samples']})")
         ax.set(xscale="log", xlabel="training iterations", title=title, ylim=(0, None))
+        ticks = sorted({r["iterations"] for r in rows if "iterations" in r})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ SUITE = {
     "training": (["--epochs", "3", "--threads", "1"], ["--image-size", "128", "--epochs", "5"]),
     "metrics": ([], []),
     "preprocessing": ([], ["--image-size", "512", "512", "--padding-slices", "60"]),
-    "quality": (["--epochs", "30", "--samples", "64", "--images", "16", "--compare-images", "2",
-                 "--compare-samples", "16", "--threads", "1"],
-                ["--epochs", "500", "--samples", "1000", "--compare-samples", "200", "--compare-images", "16"]),
+    "convergence": (["--iterations", "250", "1000", "--samples", "32", "--threads", "1"],
+                    ["--iterations", "250", "500", "1000", "2000", "4000", "8000", "--samples", "64",
+                     "--final-samples", "200"]),
 }
 
 def _parse() -> argparse.Namespace:
