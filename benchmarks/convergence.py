@@ -117,7 +117,7 @@ def training_config(
     """
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / method / "configs" / "train.json"), *overlays])
-    parser.update({"dataset_dir": dataset_dir, "demo_dir": dataset_dir, **overrides})
+    parser.update({"dataset_dir": dataset_dir, "demo_dir": None, **overrides})  # main() ensured the dataset
     batches_per_epoch = math.ceil(len(load_split(dataset_dir, "training")) / parser.get_parsed_content("batch_size"))
     parser["max_epochs"] = math.ceil(iterations / batches_per_epoch)
     parser["device"] = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
@@ -152,7 +152,7 @@ def inference_evaluator(
     parser = ConfigParser()
     configs = BUNDLES / method / "configs"
     parser.read_config([str(configs / "train.json"), *overlays, str(configs / "inference.json")])
-    parser.update({"dataset_dir": dataset_dir, "demo_dir": dataset_dir, **overrides})
+    parser.update({"dataset_dir": dataset_dir, "demo_dir": None, **overrides})  # main() ensured the dataset
     parser["device"] = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
     loader = next(h for h in parser["infer#handlers"] if "CheckpointLoader" in str(h.get("_target_", "")))
     weights_key = next(iter(loader["load_dict"]))

@@ -102,7 +102,7 @@ def _configure(method: str, dataset_dir: str, output_dir: str, epochs: int, samp
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
     parser["dataset_dir"] = dataset_dir
-    parser["demo_dir"] = dataset_dir
+    parser["demo_dir"] = None  # main() ensured the dataset
     parser["output_dir"] = output_dir
     parser["max_epochs"] = epochs
     parser["device"] = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
