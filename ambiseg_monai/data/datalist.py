@@ -89,7 +89,14 @@ class DatasetWriteError(ValueError):
 
 
 class DatasetInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived while a dataset was being written (its temporary folder is removed)."""
+    """SIGTERM or SIGINT arrived while a dataset was being written (its temporary folder is removed).
+
+    ``signum`` is the signal, so that a command line can exit with the shell's ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -479,7 +486,7 @@ class _SignalGuard:
             self.pending = signum
             return
         self.critical = True  # a second signal must not interrupt the cleanup this one starts
-        raise DatasetInterrupted(f"interrupted by {signal.Signals(signum).name}")
+        raise DatasetInterrupted(f"interrupted by {signal.Signals(signum).name}", signum)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
