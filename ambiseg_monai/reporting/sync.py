@@ -66,13 +66,24 @@ def _copy_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run
         experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
     )
     run_id = new.info.run_id
-    metrics = [
+    metrics = _metric_histories(source, run)
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    destination.log_batch(run_id, metrics=metrics, params=params)
+    _copy_inputs_artifacts_status(source, destination, run, run_id)
+    return run_id
+
+
+def _metric_histories(source: mlflow.MlflowClient, run) -> list[Metric]:
+    """Every logged value (all steps) of every metric of ``run``."""
+    return [
         Metric(m.key, m.value, m.timestamp, m.step)
         for key in run.data.metrics
         for m in source.get_metric_history(run.info.run_id, key)
     ]
-    params = [Param(k, v) for k, v in run.data.params.items()]
-    destination.log_batch(run_id, metrics=metrics, params=params)
+
+
+def _copy_inputs_artifacts_status(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, run_id: str) -> None:
+    """Dataset inputs, artifacts and (unless still running) the final status of ``run`` onto ``run_id``."""
     if run.inputs is not None and run.inputs.dataset_inputs:
         destination.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +92,6 @@ def _copy_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run
             destination.log_artifacts(run_id, str(local))
     if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
         destination.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
-    return run_id
 
 
 def _merged_marker(source_run_id: str) -> str:
@@ -103,23 +113,12 @@ def _continued_run(destination: mlflow.MlflowClient, run):
 def _merge_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, target) -> str:
     """Add ``run`` (continued offline) to ``target``, the server run it continues."""
     run_id = target.info.run_id
-    metrics = [
-        Metric(m.key, m.value, m.timestamp, m.step)
-        for key in run.data.metrics
-        for m in source.get_metric_history(run.info.run_id, key)
-    ]
+    metrics = _metric_histories(source, run)
     params = [Param(k, v) for k, v in run.data.params.items() if k not in target.data.params]
     skipped = (*_SKIPPED_TAGS, TAG_CONTINUES_RUN, TAG_CONTINUES_URI)
     tags = [RunTag(k, v) for k, v in run.data.tags.items() if k not in skipped and k not in target.data.tags]
     destination.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-    if run.inputs is not None and run.inputs.dataset_inputs:
-        destination.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(source.download_artifacts(run.info.run_id, "", tmp))
-        if any(local.iterdir()):
-            destination.log_artifacts(run_id, str(local))
-    if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
-        destination.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    _copy_inputs_artifacts_status(source, destination, run, run_id)
     destination.set_tag(run_id, _merged_marker(run.info.run_id), "merged")  # last: a failed merge is redone
     return run_id
 
