@@ -20,13 +20,10 @@ from ambiseg_monai.diffusion.parameterization import (
     x0_from_eps,
     x0_from_v,
 )
+from ambiseg_monai.diffusion.protocols import sample_training_times
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion
 from ambiseg_monai.diffusion.weighting import LossWeighting, loss_weight
-from ambiseg_monai.engines.continuous_training import (
-    ContinuousDiffusionTrainingInferer,
-    WarmupConstantCosine,
-    sample_training_times,
-)
+from ambiseg_monai.engines.continuous_training import ContinuousDiffusionTrainingInferer, WarmupConstantCosine
 from ambiseg_monai.metrics import RelativeAreaFilterd, relative_area_filter
 
 TIMES = torch.tensor([0.1, 0.25, 0.5, 0.8, 0.95], dtype=torch.float64)

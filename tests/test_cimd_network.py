@@ -100,9 +100,10 @@ def test_training_inferer_rejects_targets_outside_unit_range():
         DiffusionTrainingInferer(scheduler)(torch.randn(1, 1, 16, 16), net)
 
 
-def test_training_inferer_uses_the_scheduler_timestep_hook():
+def test_training_inferer_draws_timesteps_with_the_scheduler():
+    # the training times come from the scheduler protocol's sample_timesteps (discrete or continuous)
     class FixedTimeScheduler(RespacedDDPMScheduler):
-        def sample_timesteps(self, batch, device):
+        def sample_timesteps(self, batch, device=None, stratified=False):
             return torch.full((batch,), 7, device=device, dtype=torch.long)
 
     terms = DiffusionTrainingInferer(FixedTimeScheduler(num_train_timesteps=20, variance_type="learned_range"))(

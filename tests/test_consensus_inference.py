@@ -12,11 +12,14 @@ from ignite.engine import Engine
 from ambiseg_monai.data.transforms import ConsensusLevel, MeanRaters, PadRatersd, RandomConsensusLeveld
 from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
 from ambiseg_monai.engines.consensus import (
+    CombineConsensusSamples,
     ConsensusSamplingInferer,
     average_generations,
     combine_consensus_samples,
+    consensus_sample_labels,
     consensus_soft_map,
 )
+from ambiseg_monai.engines.inferers import DiffusionSamplingInferer
 from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler, soft_dice_by_generations
 from ambiseg_monai.networks.consensus import ConsensusDenoiser
 from ambiseg_monai.networks.denoisers import ConditionalDenoiser
@@ -147,17 +150,25 @@ def test_unconditioned_continuous_samples_for_the_soft_label_ablation():
     torch.testing.assert_close(out["pred_soft"], torch.full((1, 2, 2), 0.5))  # x0 = 0 -> 0.5
 
 
-def test_inferer_is_independent_of_batching_and_of_the_number_of_generations():
+def _random_consensus_network(num_levels: int) -> ConsensusDenoiser:
     torch.manual_seed(0)
     net = ConsensusDenoiser(
-        num_levels=2, channels=(8, 16), norm_num_groups=4, num_head_channels=4,
+        num_levels=num_levels, channels=(8, 16), norm_num_groups=4, num_head_channels=4,
         rrdb_features=4, rrdb_blocks=1, rrdb_growth_channels=2,
     ).eval()  # fmt: skip
     with torch.no_grad():  # MONAI zero-initialises the output conv: give it weights so samples vary
         net.unet.out[2].conv.weight.normal_(std=0.5)
-    scheduler = RespacedDDPMScheduler(
+    return net
+
+
+def _learned_range_scheduler() -> RespacedDDPMScheduler:
+    return RespacedDDPMScheduler(
         num_train_timesteps=100, schedule="linear_beta", beta_start=1e-3, beta_end=0.2, variance_type="learned_range"
     )
+
+
+def test_inferer_is_independent_of_batching_and_of_the_number_of_generations():
+    net, scheduler = _random_consensus_network(2), _learned_range_scheduler()
     images = torch.randn(2, 1, 8, 8)
     full = ConsensusSamplingInferer(scheduler, num_levels=2, num_generations=3, num_inference_steps=3, seed=7)
     chunked = ConsensusSamplingInferer(
@@ -170,6 +181,32 @@ def test_inferer_is_independent_of_batching_and_of_the_number_of_generations():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a[:, :, :2], c)
     assert not torch.equal(a[:, :, 0], a[:, :, 1])  # generations differ
+
+
+def test_consensus_sampling_is_the_n_sample_inferer_with_level_labels_and_combination():
+    net, scheduler = _random_consensus_network(3), _learned_range_scheduler()
+    images = torch.randn(2, 1, 8, 8)
+    preset = ConsensusSamplingInferer(scheduler, num_levels=3, num_generations=2, num_inference_steps=3, seed=5, max_rows=4)
+    generic = DiffusionSamplingInferer(
+        scheduler, num_samples=6, num_inference_steps=3, seed=5, sample_labels=consensus_sample_labels(3, 2),
+        postprocess=CombineConsensusSamples(num_levels=3),
+    )  # fmt: skip
+    a = preset(images, net, image_ids=["u", "v"])
+    b = generic(images, net, image_ids=["u", "v"])
+    assert set(a) == set(b) == {"pred", "pred_soft", "level_maps", "samples"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the samples are the plain N-sample inferer's, regrouped: sample n = g * C + c is generation g of level c
+    plain = DiffusionSamplingInferer(scheduler, num_samples=6, num_inference_steps=3, seed=5, sample_labels=[0, 1, 2] * 2)
+    flat = plain(images, net, image_ids=["u", "v"])
+    assert torch.equal(a["samples"][:, 1, 0], flat[:, 1]) and torch.equal(a["samples"][:, 2, 1], flat[:, 5])
+
+
+def test_combine_consensus_samples_checks_the_sample_count():
+    with pytest.raises(ValueError, match="whole number of generations"):
+        CombineConsensusSamples(num_levels=3)(torch.zeros(1, 4, 2, 2))
+    with pytest.raises(ValueError, match="num_levels"):
+        CombineConsensusSamples(num_levels=0)
 
 
 def test_inferer_rejects_bad_settings():

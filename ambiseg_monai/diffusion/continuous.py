@@ -7,13 +7,16 @@ Time runs from t = 0 (data) to t = 1 (noise): ``x_t = α(t) x_0 + σ(t) ε`` wit
   official code's log-SNR clipping: γ_b is mapped affinely so that ``logSNR(0) = logsnr_max`` and
   ``logSNR(1) = logsnr_min`` (±20); this keeps α and σ away from 0, so x, ε and v stay interconvertible
   at both ends. Everything is computed in float64.
-- :class:`ContinuousDDPMScheduler` (ancestral sampling, "large" or "small" variance) and
-  :class:`ContinuousDDIMScheduler` (deterministic DDIM) follow the scheduler protocol of
-  :mod:`ambiseg_monai.diffusion.schedulers` (``set_timesteps``, ``timesteps``, ``add_noise``,
-  ``step(model_output, timestep, sample, generator=None, noise=None) -> (x_prev, x̂_0)``), so the shared
-  sampler and the N-sample inferer use them exactly as they use MONAI's discrete schedulers. Their
-  ``timesteps`` are floats in (0, 1]: K steps walk the grid ``t_i = i / K`` from 1 down to 1/K, and the
-  last step (to s = 0) returns x̂_0 itself, clamped to [-1, 1].
+- :class:`ContinuousTimeScheduler` is the schedulers' shared part: a schedule, a
+  :class:`~ambiseg_monai.diffusion.parameterization.DiffusionParameterization` and the time grid.
+  :class:`ContinuousDDPMScheduler` (ancestral sampling, "large" or "small" variance) and
+  :class:`ContinuousDDIMScheduler` (deterministic DDIM) differ only in the transition from t to s.
+  They follow the scheduler protocol of :mod:`ambiseg_monai.diffusion.protocols` (training:
+  ``sample_timesteps``, ``add_noise``, ``signal_variance``, ``coefficients``; sampling:
+  ``set_timesteps``, ``timesteps``, ``step(model_output, timestep, sample, generator=None, noise=None)
+  -> (x_prev, x̂_0)``), so the training inferer, the sampler and the N-sample inferer use them exactly as
+  they use the discrete schedulers. Their ``timesteps`` are floats in (0, 1]: K steps walk the grid
+  ``t_i = i / K`` from 1 down to 1/K, and the last step (to s = 0) returns x̂_0 itself, clamped to [-1, 1].
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from collections.abc import Callable
 
 import torch
 
-from ambiseg_monai.diffusion.parameterization import DiffusionParameterization, velocity
+from ambiseg_monai.diffusion.parameterization import DiffusionParameterization, eps_from_x0, velocity
+from ambiseg_monai.diffusion.protocols import sample_training_times, standard_noise
 
 __all__ = [
     "GAMMA_SCHEDULES",
     "ContinuousVPSchedule",
-    "ContinuousVPScheduler",
+    "ContinuousTimeScheduler",
     "ContinuousDDPMScheduler",
     "ContinuousDDIMScheduler",
 ]
@@ -149,8 +153,10 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class ContinuousVPScheduler:
-    """Shared part of the continuous-time samplers: noising, time grid and x̂_0 / ε̂ from the network.
+class ContinuousTimeScheduler:
+    """Shared part of the continuous-time schedulers: noising, training times, the time grid, x̂_0 from the network.
+
+    Subclasses implement :meth:`transition`, the step from grid time t to the next time s > 0.
 
     Args:
         schedule: a :class:`ContinuousVPSchedule`; when None one is built from ``input_scale``,
@@ -188,6 +194,23 @@ class ContinuousVPScheduler:
         return self.parameterization.prediction_type
 
     # ---------------------------------------------------------------- training side
+    def sample_timesteps(
+        self, batch: int, device: str | torch.device | None = None, stratified: bool = False
+    ) -> torch.Tensor:
+        """(B,) training times in [0, 1) (see :func:`~ambiseg_monai.diffusion.protocols.sample_training_times`)."""
+        return sample_training_times(batch, stratified, device=device)
+
+    def signal_variance(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) γ(t) = α(t)², float64 on ``timesteps``' device."""
+        return torch.as_tensor(self.schedule.gamma(timesteps.detach().double())).to(timesteps.device)
+
+    def coefficients(
+        self, timesteps: torch.Tensor | float, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α(t), σ(t)) per row in ``like``'s dtype: B x 1 x ... x 1, or a 0-dim CPU tensor for one time."""
+        t = _as_time(timesteps).reshape(-1)
+        return _per_row(self.schedule.alpha(t), like), _per_row(self.schedule.sigma(t), like)
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = α(t) x_0 + σ(t) ε.
 
@@ -199,22 +222,17 @@ class ContinuousVPScheduler:
         t = timesteps.reshape(-1)
         if t.numel() not in (1, original_samples.shape[0]):
             raise ValueError(f"got {t.numel()} timesteps for a batch of {original_samples.shape[0]} samples.")
-        alpha = _per_row(self.schedule.alpha(t), original_samples)
-        sigma = _per_row(self.schedule.sigma(t), original_samples)
+        alpha, sigma = self.coefficients(t, original_samples)
         return alpha * original_samples + sigma * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """v = α(t) ε - σ(t) x_0 (the v-prediction target), B x C x H x W."""
-        alpha = _per_row(self.schedule.alpha(timesteps.reshape(-1)), sample)
-        sigma = _per_row(self.schedule.sigma(timesteps.reshape(-1)), sample)
+        alpha, sigma = self.coefficients(timesteps, sample)
         return velocity(sample, noise, alpha, sigma)
 
     def predict(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor | float):
         """(x̂_0, ε̂) from the network output at x_t = ``sample`` and time(s) ``timesteps`` (scalar or (B,))."""
-        t = _as_time(timesteps).reshape(-1)
-        alpha = _per_row(self.schedule.alpha(t), sample)
-        sigma = _per_row(self.schedule.sigma(t), sample)
-        return self.parameterization.predict(model_output, sample, alpha, sigma)
+        return self.parameterization.predict(model_output, sample, *self.coefficients(timesteps, sample))
 
     # ---------------------------------------------------------------- sampling side
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -239,29 +257,50 @@ class ContinuousVPScheduler:
         s = self._times[index + 1] if index + 1 < len(self._times) else 0.0
         return t, s
 
-    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampling step from grid time ``timestep`` to the next grid time.
+
+        Args:
+            model_output: the network output at (x_t, t), B x C x H x W.
+            timestep: one of ``self.timesteps``.
+            sample: x_t, B x C x H x W.
+            generator: used only when ``noise`` is None (stochastic steps only).
+            noise: standard-normal B x C x H x W (ignored by deterministic steps and at the last step).
+
+        Returns:
+            (x_s, x̂_0), both B x C x H x W; at the last step x_s is x̂_0.
+        """
+        t, s = self.step_times(timestep)
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model output has shape {tuple(model_output.shape)}; expected {tuple(sample.shape)} like the sample "
                 "(continuous-time diffusion has no learned variance channels)."
             )
         x0, _ = self.predict(model_output, sample, t)
-        return x0.clamp(-1.0, 1.0) if self.clip_sample else x0
+        if self.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+        if s == 0.0:
+            return x0, x0
+        return self.transition(sample, x0, t, s, noise, generator), x0
 
-    def _eps_from(self, x0: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
-        # ε consistent with the (possibly clamped) x̂_0, as improved-diffusion's DDIM does
-        alpha, sigma = (float(v) for v in (self.schedule.alpha(t), self.schedule.sigma(t)))
-        return (sample - alpha * x0) / sigma
-
-    @staticmethod
-    def _standard_noise(
-        like: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None
+    def transition(
+        self,
+        sample: torch.Tensor,
+        x0: torch.Tensor,
+        t: float,
+        s: float,
+        noise: torch.Tensor | None,
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
-        if noise is not None:
-            if noise.shape != like.shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(like.shape)}.")
-            return noise.to(device=like.device, dtype=like.dtype)
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        """x_s from x_t = ``sample`` and the (clipped) x̂_0, for grid times 0 < s < t."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return (
@@ -270,7 +309,7 @@ class ContinuousVPScheduler:
         )
 
 
-class ContinuousDDPMScheduler(ContinuousVPScheduler):
+class ContinuousDDPMScheduler(ContinuousTimeScheduler):
     """Ancestral sampling from ``p(x_s | x_t) = q(x_s | x_t, x_0 = x̂_0)`` (VDM; paper eq. 2).
 
     With r = SNR(t) / SNR(s) the posterior mean is ``r (α_s/α_t) x_t + (1 - r) α_s x̂_0`` and the variance
@@ -279,7 +318,7 @@ class ContinuousDDPMScheduler(ContinuousVPScheduler):
 
     Args:
         variance_type: "large" or "small".
-        other arguments: see :class:`ContinuousVPScheduler`.
+        other arguments: see :class:`ContinuousTimeScheduler`.
     """
 
     def __init__(self, *args, variance_type: str = "large", **kwargs) -> None:
@@ -298,54 +337,22 @@ class ContinuousDDPMScheduler(ContinuousVPScheduler):
         std = (one_minus_r * self.schedule.sigma(noise_time) ** 2).sqrt()
         return float(coef_xt), float(coef_x0), float(std)
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: torch.Tensor | float,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step from grid time ``timestep`` to the next grid time.
-
-        Args:
-            model_output: the network output at (x_t, t), B x C x H x W.
-            timestep: one of ``self.timesteps``.
-            sample: x_t, B x C x H x W.
-            generator: used only when ``noise`` is None.
-            noise: standard-normal B x C x H x W (ignored at the last step).
-
-        Returns:
-            (x_s, x̂_0), both B x C x H x W; at the last step x_s is x̂_0.
-        """
-        t, s = self.step_times(timestep)
-        x0 = self._denoised(model_output, sample, t)
-        if s == 0.0:
-            return x0, x0
+    def transition(self, sample, x0, t, s, noise, generator):
+        """``x_s = coef_xt x_t + coef_x0 x̂_0 + std · noise`` (see :meth:`posterior_coefficients`)."""
         coef_xt, coef_x0, std = self.posterior_coefficients(t, s)
         mean = coef_xt * sample + coef_x0 * x0
-        return mean + std * self._standard_noise(sample, noise, generator), x0
+        return mean + std * standard_noise(sample, noise, generator)
 
 
-class ContinuousDDIMScheduler(ContinuousVPScheduler):
+class ContinuousDDIMScheduler(ContinuousTimeScheduler):
     """Deterministic DDIM (Song et al. 2021, η = 0): ``x_s = α_s x̂_0 + σ_s ε̂``; the last step returns x̂_0.
 
     ``generator`` and ``noise`` are accepted for the protocol and ignored.
     """
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: torch.Tensor | float,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step; arguments and returns as :meth:`ContinuousDDPMScheduler.step`."""
-        t, s = self.step_times(timestep)
-        x0 = self._denoised(model_output, sample, t)
-        if s == 0.0:
-            return x0, x0
-        eps = self._eps_from(x0, sample, t)
+    def transition(self, sample, x0, t, s, noise, generator):
+        """``x_s = α_s x̂_0 + σ_s ε̂`` with ε̂ consistent with the (possibly clamped) x̂_0, as improved-diffusion's DDIM."""
+        alpha_t, sigma_t = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        eps = eps_from_x0(sample, x0, alpha_t, sigma_t)
         alpha_s, sigma_s = float(self.schedule.alpha(s)), float(self.schedule.sigma(s))
-        return alpha_s * x0 + sigma_s * eps, x0
+        return alpha_s * x0 + sigma_s * eps

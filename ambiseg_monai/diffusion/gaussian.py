@@ -76,15 +76,14 @@ class GaussianChain:
             self.posterior_mean_coef_xt, index, xt
         ) * xt
 
-    def predict_x0_from_eps(self, xt: torch.Tensor, eps: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
-        """``x_0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)``."""
-        abar = self.gather(self.alphas_cumprod, index, xt)
-        return (xt - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+    def coefficients(self, index: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α, σ) = (sqrt(ᾱ), sqrt(1 - ᾱ)) at step(s) ``index``, in ``like``'s dtype, as :meth:`gather` shapes them.
 
-    def predict_x0_from_v(self, xt: torch.Tensor, v: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
-        """``x_0 = sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v`` (Salimans & Ho's v-parameterisation)."""
-        abar = self.gather(self.alphas_cumprod, index, xt)
-        return abar.sqrt() * xt - (1.0 - abar).sqrt() * v
+        The pair a :class:`~ambiseg_monai.diffusion.parameterization.DiffusionParameterization` converts
+        the network output with (``x_t = α x_0 + σ ε``).
+        """
+        abar = self.gather(self.alphas_cumprod, index, like)
+        return abar.sqrt(), (1.0 - abar).sqrt()
 
     def learned_range_log_variance(self, values: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
         """Improved DDPM's "learned range": ``v`` in [-1, 1] interpolates *log* variances.

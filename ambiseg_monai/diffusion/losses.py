@@ -1,7 +1,10 @@
-"""Diffusion training losses: the Improved-DDPM variational term and the weighted hybrid loss.
+"""Diffusion training losses: the Improved-DDPM variational term and the weighted sum of the loss terms.
 
-``L_hybrid = L_simple + λ L_vlb (+ β L_amb for CIMD)``. The VLB term trains only the variance: it is
-evaluated with the model's mean prediction detached (stop-gradient), as in Improved DDPM and CIMD.
+The training inferer (:class:`~ambiseg_monai.engines.DiffusionTrainingInferer`) returns (B,) loss terms
+(``l_simple``, ``l_vlb`` with a learned variance, the network's auxiliary terms such as CIMD's
+``l_amb``); :class:`DiffusionLoss` weights and sums them. :class:`HybridDiffusionLoss` is Improved
+DDPM's ``L_hybrid = L_simple + λ L_vlb (+ β L_amb for CIMD)``. The VLB term trains only the variance:
+it is evaluated with the model's mean prediction detached (stop-gradient), as in Improved DDPM and CIMD.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-from monai.networks.schedulers.ddpm import DDPMPredictionType
 
 from ambiseg_monai.diffusion.gaussian import (
     GaussianChain,
@@ -19,7 +21,7 @@ from ambiseg_monai.diffusion.gaussian import (
     normal_kl,
 )
 
-__all__ = ["vlb_term", "HybridDiffusionLoss"]
+__all__ = ["vlb_term", "DiffusionLoss", "HybridDiffusionLoss"]
 
 
 def vlb_term(
@@ -37,8 +39,9 @@ def vlb_term(
     (``scheduler.train_chain``) exactly as Improved DDPM's ``_vb_terms_bpd`` (no clipping of x0).
 
     Args:
-        scheduler: a :class:`~ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler` (provides
-            ``train_chain``, ``prediction_type``, ``variance_type`` and ``model_log_variance``).
+        scheduler: a :class:`~ambiseg_monai.diffusion.protocols.LearnedVarianceScheduler` such as
+            :class:`~ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler` (provides ``train_chain``,
+            ``parameterization`` and ``model_log_variance``).
         mean_output: the model's mean-part output (ε, x0 or v), B x C x H x W. Detach it to train
             only the variance with this term (the hybrid loss does).
         var_values: the model's variance output (v in [-1, 1] for learned range), B x C x H x W.
@@ -54,12 +57,7 @@ def vlb_term(
     timesteps = timesteps.long()
     true_mean = chain.posterior_mean(x0, xt, timesteps)
     true_log_var = chain.gather(chain.posterior_log_variance_clipped, timesteps, x0)
-    if scheduler.prediction_type == DDPMPredictionType.EPSILON:
-        pred_x0 = chain.predict_x0_from_eps(xt, mean_output, timesteps)
-    elif scheduler.prediction_type == DDPMPredictionType.SAMPLE:
-        pred_x0 = mean_output
-    else:
-        pred_x0 = chain.predict_x0_from_v(xt, mean_output, timesteps)
+    pred_x0 = scheduler.parameterization.predict_x0(mean_output, xt, *chain.coefficients(timesteps, xt))
     model_mean = chain.posterior_mean(pred_x0, xt, timesteps)
     model_log_var = scheduler.model_log_variance(var_values, timesteps, chain, x0)
     kl = mean_over_pixels(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
@@ -69,24 +67,23 @@ def vlb_term(
     return torch.where(timesteps.to(kl.device) == 0, decoder_nll, kl)
 
 
-class HybridDiffusionLoss(torch.nn.Module):
+class DiffusionLoss(torch.nn.Module):
     """Weighted sum of the per-sample loss terms produced by the diffusion training inferer.
 
     The training inferer (:class:`ambiseg_monai.engines.DiffusionTrainingInferer`) returns a dict
     with (B,) tensors ``l_simple``, ``l_vlb`` (present with a learned variance) and any auxiliary
-    terms of the network (``l_amb`` for CIMD). This module returns
-    ``Σ_k w_k term_k`` per sample (B,); the trainer averages it.
+    terms of the network (``l_amb`` for CIMD). This module returns ``Σ_k w_k term_k`` per sample (B,);
+    the trainer averages it. With no ``term_weights`` it is ``l_simple`` alone (AmbDiffSeg).
 
     Args:
-        vlb_weight: λ. With ``l_vlb`` = T·L_t (the single-sample estimate of Σ_t L_t), λ = 1e-3 is
-            CIMD's value and equals improved-diffusion's "hybrid" loss for any T.
-        term_weights: weights of the other terms, e.g. ``{"l_amb": 1e-3}`` (β in CIMD). A term the
-            inferer produces that has no weight here raises an error (a silent 0 would hide a mistake).
+        term_weights: weights of the terms other than ``l_simple`` (whose weight is 1), e.g.
+            ``{"l_vlb": 1e-3, "l_amb": 1e-3}``. A term the inferer produces that has no weight here
+            raises an error (a silent 0 would hide a mistake).
     """
 
-    def __init__(self, vlb_weight: float = 1e-3, term_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, term_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        self.weights = {"l_simple": 1.0, "l_vlb": float(vlb_weight)}
+        self.weights = {"l_simple": 1.0}
         self.weights.update({k: float(v) for k, v in (term_weights or {}).items()})
 
     def forward(self, pred: Mapping[str, torch.Tensor], target: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,3 +98,18 @@ class HybridDiffusionLoss(torch.nn.Module):
         for name, value in terms.items():
             total = total + self.weights[name] * value
         return total
+
+
+class HybridDiffusionLoss(DiffusionLoss):
+    """Improved DDPM's hybrid loss ``l_simple + λ l_vlb`` (+ other weighted terms): a :class:`DiffusionLoss`.
+
+    Args:
+        vlb_weight: λ. With ``l_vlb`` = T·L_t (the single-sample estimate of Σ_t L_t), λ = 1e-3 is
+            CIMD's value and equals improved-diffusion's "hybrid" loss for any T.
+        term_weights: weights of the other terms, e.g. ``{"l_amb": 1e-3}`` (β in CIMD).
+
+    For a model without a learned variance (no ``l_vlb``) use :class:`DiffusionLoss`.
+    """
+
+    def __init__(self, vlb_weight: float = 1e-3, term_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__({"l_vlb": float(vlb_weight), **(term_weights or {})})

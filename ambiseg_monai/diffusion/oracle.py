@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from ambiseg_monai.diffusion.mixture_posterior import mixture_posterior_mean
-from ambiseg_monai.diffusion.parameterization import PREDICTION_TYPES
+from ambiseg_monai.diffusion.parameterization import DiffusionParameterization, eps_from_x0
+from ambiseg_monai.diffusion.protocols import TrainingScheduler
 from ambiseg_monai.networks.denoisers import ConditionalDenoiser
 
 __all__ = ["MixtureOracleDenoiser", "signal_variance_of"]
@@ -30,12 +31,12 @@ __all__ = ["MixtureOracleDenoiser", "signal_variance_of"]
 def signal_variance_of(scheduler) -> Callable[[torch.Tensor], torch.Tensor]:
     """The map from the network's timestep input to the signal variance α² (= ᾱ_t or γ(t)).
 
-    Discrete schedulers (MONAI's and the respaced ones) pass integer training timesteps: ``ᾱ[t]``.
-    Continuous-time schedulers pass t in [0, 1]: ``schedule.gamma(t)``.
+    A scheduler following :class:`~ambiseg_monai.diffusion.protocols.TrainingScheduler` gives it
+    (``signal_variance``: ᾱ[t] for integer training timesteps, γ(t) for t in [0, 1]); for MONAI's own
+    discrete schedulers it is ``ᾱ[t]``.
     """
-    schedule = getattr(scheduler, "schedule", None)
-    if schedule is not None and callable(getattr(schedule, "gamma", None)):
-        return lambda t: schedule.gamma(t.detach().cpu().double())
+    if isinstance(scheduler, TrainingScheduler):
+        return lambda t: scheduler.signal_variance(t.detach().cpu()).double()
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().double()
     return lambda t: alphas_cumprod[t.detach().cpu().long()]
 
@@ -85,27 +86,27 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
             modes = 2.0 * modes - 1.0
         if not bool((modes.abs() == 1).all()):
             raise ValueError("modes must be binary masks, in {0, 1} or in {-1, 1}.")
-        key = str(prediction_type).lower()
-        if key not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        self.parameterization = DiffusionParameterization(prediction_type, tanh_x_output)
         self.register_buffer("modes", modes.flatten(2))  # L x K x D
         self.register_buffer("log_probabilities", (probabilities / probabilities.sum(1, keepdim=True)).log())
         self.mask_shape = tuple(modes.shape[2:])
         self.signal_variance = signal_variance
-        self.prediction_type = PREDICTION_TYPES[key]
-        self.tanh_x_output = bool(tanh_x_output)
+        self.prediction_type = self.parameterization.prediction_type
+        self.tanh_x_output = self.parameterization.tanh_x_output
         self.variance_value = variance_value
 
     @classmethod
     def for_scheduler(cls, scheduler, modes, probabilities, variance_value: float | None = None):
         """The oracle whose output matches ``scheduler``: its time input, prediction type and tanh."""
         parameterization = getattr(scheduler, "parameterization", None)
+        if parameterization is None:  # MONAI's own schedulers: the prediction type, no output activation
+            parameterization = DiffusionParameterization(str(scheduler.prediction_type), tanh_x_output=False)
         return cls(
             modes,
             probabilities,
             signal_variance_of(scheduler),
-            prediction_type=str(scheduler.prediction_type),
-            tanh_x_output=bool(getattr(parameterization, "uses_tanh", False)),
+            prediction_type=parameterization.prediction_type,
+            tanh_x_output=parameterization.uses_tanh,
             variance_value=variance_value,
         )
 
@@ -130,13 +131,9 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
         alpha = gamma.sqrt().reshape(-1, 1, 1, 1)
         sigma = (1.0 - gamma).sqrt().reshape(-1, 1, 1, 1)
         x = x_t.detach().double().cpu()
-        eps = (x - alpha * x0) / sigma
-        if self.prediction_type == "eps":
-            out = eps
-        elif self.prediction_type == "v":
-            out = alpha * eps - sigma * x0
-        else:
-            out = torch.atanh(x0.clamp(-1 + 1e-7, 1 - 1e-7)) if self.tanh_x_output else x0
+        out = self.parameterization.target(x0, eps_from_x0(x, x0, alpha, sigma), alpha, sigma)
+        if self.parameterization.uses_tanh:  # the scheduler applies tanh: return its inverse
+            out = torch.atanh(out.clamp(-1 + 1e-7, 1 - 1e-7))
         if self.variance_value is not None:
             out = torch.cat([out, torch.full_like(out, float(self.variance_value))], dim=1)
         return out.to(device=x_t.device, dtype=x_t.dtype)

@@ -8,6 +8,11 @@ For a variance-preserving process ``x_t = α x_0 + σ ε`` with α² + σ² = 1 
 α and σ are tensors broadcastable against the samples (B x 1 x 1 x 1 per-row coefficients) or floats.
 The ε -> x_0 conversion divides by α and the x_0 -> ε conversion by σ: both are finite only while
 the schedule keeps α, σ > 0 (the continuous schedule's log-SNR clipping does).
+
+:class:`DiffusionParameterization` is the one place that switches on the prediction type: the
+discrete schedulers (:mod:`ambiseg_monai.diffusion.schedulers`, MONAI's names "epsilon" / "sample" /
+"v_prediction"), the continuous-time schedulers, the VLB term, the training inferer and the oracle
+denoiser all go through it.
 """
 
 from __future__ import annotations
@@ -85,16 +90,30 @@ class DiffusionParameterization:
         """Whether the network output goes through tanh (x-prediction with ``tanh_x_output``)."""
         return self.prediction_type == "x" and self.tanh_x_output
 
+    def prediction(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The predicted quantity (x_0, v or ε) from the raw network output: tanh applied when :attr:`uses_tanh`."""
+        return torch.tanh(model_output) if self.uses_tanh else model_output
+
+    def predict_x0(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, alpha: Coefficient, sigma: Coefficient
+    ) -> torch.Tensor:
+        """x̂_0 from the network output at x_t (B x C x H x W)."""
+        if self.prediction_type == "x":
+            return self.prediction(model_output)
+        if self.prediction_type == "v":
+            return x0_from_v(x_t, model_output, alpha, sigma)
+        return x0_from_eps(x_t, model_output, alpha, sigma)
+
     def predict(
         self, model_output: torch.Tensor, x_t: torch.Tensor, alpha: Coefficient, sigma: Coefficient
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) from the network output at x_t; all tensors B x C x H x W."""
+        x0 = self.predict_x0(model_output, x_t, alpha, sigma)
         if self.prediction_type == "x":
-            x0 = torch.tanh(model_output) if self.tanh_x_output else model_output
             return x0, eps_from_x0(x_t, x0, alpha, sigma)
         if self.prediction_type == "v":
-            return x0_from_v(x_t, model_output, alpha, sigma), eps_from_v(x_t, model_output, alpha, sigma)
-        return x0_from_eps(x_t, model_output, alpha, sigma), model_output
+            return x0, eps_from_v(x_t, model_output, alpha, sigma)
+        return x0, model_output
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
         """The quantity the network regresses (before any tanh): x_0, v or ε."""

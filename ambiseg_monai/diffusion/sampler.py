@@ -5,9 +5,9 @@ Its starting noise x_T and the noise of every step are drawn from that generator
 does not depend on which other masks share its batch: sampling the N masks of an image in one batch,
 one at a time (as the official CIMD code does), or in chunks gives identical masks.
 
-The loop uses only the scheduler protocol documented in :mod:`ambiseg_monai.diffusion.schedulers`
-(``set_timesteps``, ``timesteps``, ``step(..., noise=...)``); the per-sample noise is the ``noise``
-argument of ``step``, which is the hook a continuous-time scheduler must accept too.
+The loop uses only the sampling side of the scheduler protocol
+(:class:`~ambiseg_monai.diffusion.protocols.SamplingScheduler`: ``set_timesteps``, ``timesteps``,
+``step(..., noise=...)``); the per-sample noise is the ``noise`` argument of ``step``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "draw_noise",
     "repeat_rows",
     "take_rows",
+    "index_rows",
     "autocast_dtype_from_name",
     "reverse_diffusion",
 ]
@@ -70,30 +71,36 @@ def make_generators(seed: int, image_keys: Sequence[int | str], num_samples: int
     return generators
 
 
-def repeat_rows(value: Any, repeats: int) -> Any:
-    """Repeat every batch row ``repeats`` times (image-major) in a tensor or a tuple/list/dict of tensors."""
+def _map_rows(value: Any, select: Callable[[torch.Tensor], torch.Tensor], what: str) -> Any:
+    """``select`` applied to a tensor or to every tensor in a (nested) tuple/list/dict; None stays None."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        return value.repeat_interleave(repeats, dim=0)
+        return select(value)
     if isinstance(value, dict):
-        return {k: repeat_rows(v, repeats) for k, v in value.items()}
+        return {k: _map_rows(v, select, what) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(repeat_rows(v, repeats) for v in value)
-    raise TypeError(f"cannot repeat batch rows of a {type(value).__name__}")
+        return type(value)(_map_rows(v, select, what) for v in value)
+    raise TypeError(f"cannot {what} batch rows of a {type(value).__name__}")
+
+
+def repeat_rows(value: Any, repeats: int) -> Any:
+    """Repeat every batch row ``repeats`` times (image-major) in a tensor or a tuple/list/dict of tensors."""
+    return _map_rows(value, lambda t: t.repeat_interleave(repeats, dim=0), "repeat")
 
 
 def take_rows(value: Any, rows: slice) -> Any:
     """Rows ``rows`` of a tensor or of every tensor in a tuple/list/dict."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return value[rows]
-    if isinstance(value, dict):
-        return {k: take_rows(v, rows) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(take_rows(v, rows) for v in value)
-    raise TypeError(f"cannot select batch rows of a {type(value).__name__}")
+    return _map_rows(value, lambda t: t[rows], "select")
+
+
+def index_rows(value: Any, index: torch.Tensor) -> Any:
+    """Rows ``index`` (a 1-D long tensor) of a tensor or of every tensor in a tuple/list/dict.
+
+    The N-sample inferer selects each chunk's conditions this way (``index`` = the image of each row),
+    so the repeated condition of all B x N rows is never held at once.
+    """
+    return _map_rows(value, lambda t: t.index_select(0, index.to(t.device)), "select")
 
 
 def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:

@@ -18,24 +18,22 @@ they get wrong or lack, checked against Improved DDPM (Nichol & Dhariwal 2021, t
 And for reproducible sampling every step accepts the standard-normal ``noise`` to add (the sampler
 draws it per sample), instead of drawing one tensor for the whole batch from one generator.
 
-**Scheduler protocol** used by :mod:`ambiseg_monai.diffusion.sampler` (a continuous-time
-scheduler only has to provide the same members):
-
-- ``num_train_timesteps``; ``timesteps`` (1-D tensor, in sampling order) after
-  ``set_timesteps(num_inference_steps, device=None)``;
-- ``add_noise(x0, noise, timesteps) -> x_t``;
-- ``step(model_output, timestep, sample, noise=None) -> (x_prev, predicted_x0)``, where ``noise``
-  is a standard-normal tensor shaped like ``sample`` (ignored by deterministic steps; drawn from
-  the scheduler's own generator when None).
+Both follow the scheduler protocol of :mod:`ambiseg_monai.diffusion.protocols` (sampling:
+``set_timesteps``, ``timesteps``, ``step(..., noise=...)``; training: ``parameterization``,
+``sample_timesteps``, ``add_noise``, ``signal_variance``, ``coefficients``), as the continuous-time
+schedulers do. The prediction type ("epsilon", "sample", "v_prediction", MONAI's names) is turned
+into x̂_0 by :class:`~ambiseg_monai.diffusion.parameterization.DiffusionParameterization`.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-from monai.networks.schedulers.ddpm import DDPMPredictionType, DDPMVarianceType
+from monai.networks.schedulers.ddpm import DDPMVarianceType
 
 from ambiseg_monai.diffusion.gaussian import GaussianChain
+from ambiseg_monai.diffusion.parameterization import DiffusionParameterization
+from ambiseg_monai.diffusion.protocols import sample_training_times, standard_noise
 
 __all__ = ["RespacedDDPMScheduler", "RespacedDDIMScheduler", "evenly_spaced_timesteps", "split_model_output"]
 
@@ -68,12 +66,40 @@ def split_model_output(model_output: torch.Tensor, sample_channels: int) -> tupl
 
 
 class _RespacedMixin:
-    """Shared bookkeeping: the training chain, the kept steps and their respaced chain."""
+    """Shared part of the respaced schedulers: the training side of the protocol, the kept steps and their chain."""
 
     alphas_cumprod: torch.Tensor
     num_train_timesteps: int
     prediction_type: str
+    clip_sample: bool
+    clip_sample_values: tuple[float, float]
 
+    # ---------------------------------------------------------------- training side
+    @property
+    def parameterization(self) -> DiffusionParameterization:
+        """What the network predicts (MONAI's ``prediction_type``; no output activation)."""
+        return DiffusionParameterization(self.prediction_type, tanh_x_output=False)
+
+    def sample_timesteps(
+        self, batch: int, device: str | torch.device | None = None, stratified: bool = False
+    ) -> torch.Tensor:
+        """(B,) training steps, uniform in ``[0, num_train_timesteps)``; ``stratified``: one per stratum of the batch."""
+        if stratified:
+            steps = (sample_training_times(batch, True, device) * self.num_train_timesteps).long()
+            return steps.clamp(max=self.num_train_timesteps - 1)
+        return torch.randint(0, self.num_train_timesteps, (batch,), device=device, dtype=torch.long)
+
+    def signal_variance(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) ᾱ_t of the training chain (float32, on ``timesteps``' device)."""
+        return self.alphas_cumprod.to(timesteps.device)[timesteps.long()].float()
+
+    def coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) per row, B x 1 x ... x 1 in ``like``'s dtype and device (as ``add_noise``)."""
+        abar = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps.to(like.device)]
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return abar.sqrt().reshape(shape), (1 - abar).sqrt().reshape(shape)
+
+    # ---------------------------------------------------------------- sampling side
     def _build_training_chain(self) -> None:
         self.train_chain = GaussianChain(self.alphas_cumprod.detach().cpu().double())
 
@@ -93,20 +119,13 @@ class _RespacedMixin:
             raise ValueError(f"timestep {t} is not one of the scheduler's kept timesteps; call set_timesteps first.")
         return self._chain_index[t]
 
-    def _predict_x0(self, output: torch.Tensor, sample: torch.Tensor, index: int, chain: GaussianChain) -> torch.Tensor:
-        if self.prediction_type == DDPMPredictionType.EPSILON:
-            return chain.predict_x0_from_eps(sample, output, index)
-        if self.prediction_type == DDPMPredictionType.SAMPLE:
-            return output
-        return chain.predict_x0_from_v(sample, output, index)
-
-    @staticmethod
-    def _standard_noise(like: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        if noise is not None:
-            if noise.shape != like.shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(like.shape)}.")
-            return noise.to(device=like.device, dtype=like.dtype)
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    def _predicted_x0(self, output: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
+        """x̂_0 at position ``index`` of the sampling chain, clipped when ``clip_sample``."""
+        alpha, sigma = self.sampling_chain.coefficients(index, sample)
+        pred_x0 = self.parameterization.predict_x0(output, sample, alpha, sigma)
+        if self.clip_sample:
+            pred_x0 = pred_x0.clamp(self.clip_sample_values[0], self.clip_sample_values[1])
+        return pred_x0
 
 
 class RespacedDDPMScheduler(_RespacedMixin, DDPMScheduler):
@@ -170,15 +189,13 @@ class RespacedDDPMScheduler(_RespacedMixin, DDPMScheduler):
         output, var_values = split_model_output(model_output, sample.shape[1])
         chain = self.sampling_chain
         index = self.chain_index(timestep)
-        pred_x0 = self._predict_x0(output, sample, index, chain)
-        if self.clip_sample:
-            pred_x0 = pred_x0.clamp(self.clip_sample_values[0], self.clip_sample_values[1])
+        pred_x0 = self._predicted_x0(output, sample, index)
         mean = chain.posterior_mean(pred_x0, sample, index)
         if index == 0:  # the last step returns the mean (no noise), as in DDPM
             return mean, pred_x0
         log_variance = self.model_log_variance(var_values, index, chain, sample)
         std = torch.exp(0.5 * log_variance)
-        return mean + std * self._standard_noise(sample, noise, generator), pred_x0
+        return mean + std * standard_noise(sample, noise, generator), pred_x0
 
 
 class RespacedDDIMScheduler(_RespacedMixin, DDIMScheduler):
@@ -225,13 +242,11 @@ class RespacedDDIMScheduler(_RespacedMixin, DDIMScheduler):
         index = self.chain_index(timestep)
         abar_t = chain.gather(chain.alphas_cumprod, index, sample)
         abar_prev = chain.gather(chain.alphas_cumprod_prev, index, sample)
-        pred_x0 = self._predict_x0(output, sample, index, chain)
-        if self.clip_sample:
-            pred_x0 = pred_x0.clamp(self.clip_sample_values[0], self.clip_sample_values[1])
+        pred_x0 = self._predicted_x0(output, sample, index)
         # ε consistent with the (possibly clipped) x0, as in improved-diffusion's ddim_sample
         eps = (sample - abar_t.sqrt() * pred_x0) / (1.0 - abar_t).sqrt()
         sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)).sqrt()
         prev = abar_prev.sqrt() * pred_x0 + (1.0 - abar_prev - sigma**2).clamp(min=0.0).sqrt() * eps
         if eta > 0 and index > 0:
-            prev = prev + sigma * self._standard_noise(sample, noise, generator)
+            prev = prev + sigma * standard_noise(sample, noise, generator)
         return prev, pred_x0

@@ -17,7 +17,7 @@ from ambiseg_monai.engines.inferers import (
     sample_statistics,
 )
 from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
-from ambiseg_monai.engines.consensus import ConsensusSamplingInferer, UnpackPredictiond
+from ambiseg_monai.engines.consensus import CombineConsensusSamples, ConsensusSamplingInferer, UnpackPredictiond
 from ambiseg_monai.engines.continuous_training import ContinuousDiffusionTrainingInferer, WarmupConstantCosine
 from ambiseg_monai.engines.latent_models import (
     LatentSampleInferer,
@@ -41,6 +41,7 @@ __all__ = [
     "use_amp",
     "cpu_autocast_dtype",
     "cpu_has_native_bf16",
+    "CombineConsensusSamples",
     "ConsensusSamplingInferer",
     "UnpackPredictiond",
     "ContinuousDiffusionTrainingInferer",

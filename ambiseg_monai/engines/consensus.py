@@ -19,30 +19,33 @@ the set GED / CI are computed on.
 The same machinery serves the ablations: "annotator" (the C slots are rater ids instead of levels),
 "no annotator" (C unconditional slots) and "soft label" (unconditional slots whose samples are the
 regressed soft maps, ``sample_values="continuous"``, no rounding).
+
+Sampling is the one N-sample inferer's (:class:`~ambiseg_monai.engines.DiffusionSamplingInferer`) with
+N = G x C samples per image, sample ``n = g * C + c`` labelled with slot c
+(:func:`consensus_sample_labels`), and :class:`CombineConsensusSamples` as its post-processing;
+:class:`ConsensusSamplingInferer` is that configuration under one name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ambiseg_monai.diffusion.sampler import autocast_dtype_from_name, make_generators, reverse_diffusion
-from ambiseg_monai.engines.inferers import PerImageSeedingInferer
-from ambiseg_monai.networks.denoisers import unwrap_network
+from ambiseg_monai.engines.inferers import DiffusionSamplingInferer
 
 __all__ = [
     "average_generations",
     "consensus_soft_map",
     "combine_consensus_samples",
+    "consensus_sample_labels",
+    "CombineConsensusSamples",
     "ConsensusSamplingInferer",
     "UnpackPredictiond",
 ]
-
-SAMPLE_VALUES = ("binary", "continuous")
 
 
 def _check_samples(samples: torch.Tensor) -> torch.Tensor:
@@ -93,22 +96,62 @@ def combine_consensus_samples(samples: torch.Tensor, majority_vote: bool = False
     return {"pred": masks, "level_maps": level_maps, "pred_soft": consensus_soft_map(level_maps)}
 
 
-class ConsensusSamplingInferer(PerImageSeedingInferer):
-    """Soft consensus maps by reverse diffusion: ``__call__(inputs, network) -> dict`` (see below).
+def consensus_sample_labels(num_levels: int, num_generations: int) -> list[int]:
+    """The slot of each of the G x C samples of an image: sample ``n = g * C + c`` is slot c.
 
-    For each image, C slots (consensus levels, or rater ids / unconditional slots in the ablations) x
-    G generations are sampled. The image is encoded once (``network.encode_condition``); all
-    B x G x C masks run as one network batch per reverse step (``max_rows`` splits it). Every mask
-    has its own generator seeded from (seed, image key, g * C + c), so a mask does not depend on the
-    batching nor on G: raising G only adds generations, and the first g generations of a run are
-    exactly a run with G = g (what the soft-Dice-vs-generations curve relies on).
+    So a mask's seed index (n) does not depend on G: raising G only adds generations.
+    """
+    return list(range(int(num_levels))) * int(num_generations)
+
+
+class CombineConsensusSamples:
+    """Post-processing of the N-sample inferer: B x (G C) x H x W samples -> the consensus outputs.
+
+    Sample ``n = g * C + c`` of an image is generation g of slot c (see :func:`consensus_sample_labels`).
 
     Args:
-        scheduler: a scheduler following :mod:`ambiseg_monai.diffusion.schedulers`' protocol.
+        num_levels: C.
+        majority_vote: round each level's average over generations before averaging levels.
+        return_samples: include the B x C x G x H x W ``"samples"``.
+
+    ``__call__(samples)`` returns :func:`combine_consensus_samples`' dict (plus ``"samples"``).
+    """
+
+    def __init__(self, num_levels: int, majority_vote: bool = True, return_samples: bool = True) -> None:
+        if int(num_levels) < 1:
+            raise ValueError(f"num_levels must be >= 1 (the dataset's rater count), got {num_levels}.")
+        self.num_levels = int(num_levels)
+        self.majority_vote = bool(majority_vote)
+        self.return_samples = bool(return_samples)
+
+    def __call__(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, count = samples.shape[:2]
+        if count % self.num_levels:
+            raise ValueError(f"{count} samples per image are not a whole number of generations of {self.num_levels} levels.")
+        grouped = samples.reshape(batch, count // self.num_levels, self.num_levels, *samples.shape[2:])
+        by_level = grouped.transpose(1, 2).contiguous()  # B x C x G x H x W
+        result = combine_consensus_samples(by_level, self.majority_vote)
+        if self.return_samples:
+            result["samples"] = by_level
+        return result
+
+
+class ConsensusSamplingInferer(DiffusionSamplingInferer):
+    """Soft consensus maps by reverse diffusion: ``__call__(inputs, network) -> dict`` (see below).
+
+    A :class:`~ambiseg_monai.engines.DiffusionSamplingInferer` configured for consensus diffusion: for
+    each image, C slots (consensus levels, or rater ids / unconditional slots in the ablations) x G
+    generations are sampled as its N = G x C samples (labels :func:`consensus_sample_labels`), and
+    :class:`CombineConsensusSamples` combines them. The image is encoded once; all B x G x C masks run as
+    one network batch per reverse step (``max_rows`` splits it). Every mask has its own generator seeded
+    from (seed, image key, g * C + c), so a mask depends neither on the batching nor on G: raising G only
+    adds generations, and the first g generations of a run are exactly a run with G = g (what the
+    soft-Dice-vs-generations curve relies on).
+
+    Args:
+        scheduler: a scheduler following :class:`~ambiseg_monai.diffusion.protocols.SamplingScheduler`.
         num_levels: C, the number of slots (the model's level / rater embedding size).
         num_generations: G (25 in the paper).
-        num_inference_steps: respaced number of reverse steps (None: the scheduler's current timesteps).
-        seed: base seed of the per-mask generators.
         conditioned: pass slot c as ``class_labels`` (0-based); False for unconditional networks
             ("no annotator", "soft label").
         majority_vote: round each level's average over generations before averaging levels (the
@@ -116,14 +159,9 @@ class ConsensusSamplingInferer(PerImageSeedingInferer):
         sample_values: ``"binary"`` (``x_0 > threshold``, the project's convention) or ``"continuous"``
             (``(x_0 + 1) / 2`` clamped to [0, 1]: what the authors' code averages, and what the
             "soft label" ablation must use since it regresses a soft map).
-        mask_channels: channels of one diffused mask (1).
-        threshold: binarisation threshold of ``x_0`` in [-1, 1] for ``"binary"`` samples.
-        max_rows: most masks per network call (None: all B x C x G at once).
         return_samples: include the B x C x G x H x W ``"samples"`` (needed by the generation curve).
-        progress: show a progress bar over the reverse steps.
-        autocast_dtype: "bfloat16" or "float16": run the network calls under ``torch.autocast`` (on a
-            CPU with native bf16, bf16 is 2-3x faster at no measured GED cost, see docs/benchmarks.md);
-            None: float32 unless an enclosing autocast (an evaluator's ``amp``) applies.
+        num_inference_steps, seed, mask_channels, threshold, max_rows, progress, autocast_dtype: as in
+            :class:`~ambiseg_monai.engines.DiffusionSamplingInferer` (``max_rows`` counts B x C x G masks).
 
     ``__call__(inputs, network, image_ids=None)``: ``inputs`` B x C_img x H x W; ``image_ids`` B case ids
     or dataset positions (default: a running count, see :meth:`reset_counter`). Returns
@@ -149,83 +187,25 @@ class ConsensusSamplingInferer(PerImageSeedingInferer):
         progress: bool = False,
         autocast_dtype: str | None = None,
     ) -> None:
-        super().__init__()
-        if int(num_levels) < 1:
-            raise ValueError(f"num_levels must be >= 1 (the dataset's rater count), got {num_levels}.")
+        combine = CombineConsensusSamples(num_levels, majority_vote, return_samples)
         if int(num_generations) < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}.")
-        if max_rows is not None and int(max_rows) < 1:
-            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}.")
-        if sample_values not in SAMPLE_VALUES:
-            raise ValueError(f"sample_values must be one of {SAMPLE_VALUES}, got {sample_values!r}.")
-        self.scheduler = scheduler
-        self.num_levels = int(num_levels)
+        super().__init__(
+            scheduler,
+            num_samples=combine.num_levels * int(num_generations),
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            mask_channels=mask_channels,
+            threshold=threshold,
+            max_rows=max_rows,
+            progress=progress,
+            autocast_dtype=autocast_dtype,
+            sample_labels=consensus_sample_labels(num_levels, num_generations) if conditioned else None,
+            sample_values=sample_values,
+            postprocess=combine,
+        )
+        self.num_levels = combine.num_levels
         self.num_generations = int(num_generations)
-        self.num_inference_steps = num_inference_steps
-        self.seed = int(seed)
-        self.conditioned = bool(conditioned)
-        self.majority_vote = bool(majority_vote)
-        self.sample_values = sample_values
-        self.mask_channels = int(mask_channels)
-        self.threshold = float(threshold)
-        self.max_rows = None if max_rows is None else int(max_rows)
-        self.return_samples = bool(return_samples)
-        self.progress = progress
-        self.autocast_dtype = autocast_dtype_from_name(autocast_dtype)
-
-    def _to_values(self, x0: torch.Tensor) -> torch.Tensor:
-        """rows x mask_channels x H x W in [-1, 1] -> rows x H x W in [0, 1] (first mask channel)."""
-        if self.sample_values == "binary":
-            return (x0[:, 0] > self.threshold).float()
-        return ((x0[:, 0].float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    @torch.no_grad()
-    def __call__(  # type: ignore[override]
-        self,
-        inputs: torch.Tensor,
-        network: torch.nn.Module,
-        *args,
-        image_ids: Sequence | None = None,
-        **kwargs,
-    ) -> dict[str, torch.Tensor]:
-        if inputs.ndim != 4:
-            raise ValueError(f"inputs must be images B x C x H x W, got shape {tuple(inputs.shape)}.")
-        batch, levels, generations = inputs.shape[0], self.num_levels, self.num_generations
-        per_image = levels * generations
-        keys = self._image_keys(batch, image_ids)
-        # row r of image b is generation g = r // C at slot c = r % C: a mask's seed index g * C + c
-        # does not depend on G
-        generators = make_generators(self.seed, keys, per_image)
-        cond = unwrap_network(network).encode_condition(inputs)  # once per image, reused at every step
-        rows = batch * per_image
-        image_of_row = torch.arange(batch, device=inputs.device).repeat_interleave(per_image)
-        slot_of_row = torch.arange(levels, device=inputs.device).repeat(batch * generations)
-        if self.num_inference_steps is not None:
-            self.scheduler.set_timesteps(int(self.num_inference_steps))  # CPU timesteps: no device read per step
-        sample_shape = (self.mask_channels, *inputs.shape[2:])
-        reference = inputs if inputs.is_floating_point() else inputs.float()
-        chunk = self.max_rows or rows
-        pieces = []
-        for start in range(0, rows, chunk):
-            part = slice(start, min(start + chunk, rows))
-            x0 = reverse_diffusion(
-                network,
-                self.scheduler,
-                cond.index_select(0, image_of_row[part]),
-                sample_shape,
-                generators[part],
-                class_labels=slot_of_row[part] if self.conditioned else None,
-                progress=self.progress,
-                reference=reference,
-                autocast_dtype=self.autocast_dtype,
-            )
-            pieces.append(self._to_values(x0))
-        values = torch.cat(pieces).reshape(batch, generations, levels, *inputs.shape[2:])
-        samples = values.transpose(1, 2).contiguous()  # B x C x G x H x W
-        result = combine_consensus_samples(samples, self.majority_vote)
-        if self.return_samples:
-            result["samples"] = samples
-        return result
 
 
 class UnpackPredictiond(MapTransform):

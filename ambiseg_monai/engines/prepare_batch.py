@@ -45,7 +45,38 @@ def _check_image(image: torch.Tensor, image_channels: int | None, batch: Mapping
         )
 
 
-class DiffusionTrainingPrepareBatch(PrepareBatch):
+def _check_rater_stack(stack: torch.Tensor, image: torch.Tensor, what: str) -> None:
+    if stack.ndim != 4 or stack.shape[0] != image.shape[0] or stack.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"{what} must be B x R x H x W (all raters) matching the images {tuple(image.shape)}, got {tuple(stack.shape)}."
+        )
+
+
+class _ImagePrepareBatch(PrepareBatch):
+    """What both prepare_batch callables share: the images (checked) and the optional class labels."""
+
+    def __init__(
+        self, image_key: str, class_label_key: str | None, image_channels: int | None, channels_last: bool
+    ) -> None:
+        self.image_key = image_key
+        self.class_label_key = class_label_key
+        self.image_channels = image_channels
+        self.channels_last = channels_last
+
+    def _image(self, batchdata: Mapping, device, non_blocking: bool) -> torch.Tensor:
+        """The B x C x H x W images on ``device``, checked against ``image_channels``."""
+        image = to_engine_tensor(_require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last)
+        _check_image(image, self.image_channels, batchdata)
+        return image
+
+    def _class_labels(self, batchdata: Mapping, device) -> torch.Tensor | None:
+        """The (B,) integer class labels, or None without a ``class_label_key``."""
+        if self.class_label_key is None:
+            return None
+        return to_engine_tensor(_require(batchdata, self.class_label_key, "class labels"), device).long().flatten()
+
+
+class DiffusionTrainingPrepareBatch(_ImagePrepareBatch):
     """Training batch -> ``(image, target, (), {"target": target, "class_labels": labels})``.
 
     Args:
@@ -69,33 +100,22 @@ class DiffusionTrainingPrepareBatch(PrepareBatch):
         rater_key: str | None = None,
         rater_mask_key: str = "rater_mask",
     ) -> None:
-        self.image_key = image_key
+        super().__init__(image_key, class_label_key, image_channels, channels_last)
         self.target_key = target_key
-        self.class_label_key = class_label_key
-        self.image_channels = image_channels
-        self.channels_last = channels_last
         self.rater_key = rater_key
         self.rater_mask_key = rater_mask_key
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
-        image = to_engine_tensor(_require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last)
-        _check_image(image, self.image_channels, batchdata)
+        image = self._image(batchdata, device, non_blocking)
         target = to_engine_tensor(_require(batchdata, self.target_key, "training targets"), device, non_blocking)
         if target.ndim == 3:  # B x H x W -> B x 1 x H x W
             target = target[:, None]
         if target.shape[0] != image.shape[0] or target.shape[2:] != image.shape[2:]:
             raise ValueError(f"target shape {tuple(target.shape)} does not match image shape {tuple(image.shape)}.")
-        labels = None
-        if self.class_label_key is not None:
-            labels = to_engine_tensor(_require(batchdata, self.class_label_key, "class labels"), device).long().flatten()
-        kwargs_out = {"target": target, "class_labels": labels}
+        kwargs_out = {"target": target, "class_labels": self._class_labels(batchdata, device)}
         if self.rater_key is not None:
             raters = to_engine_tensor(_require(batchdata, self.rater_key, "all raters' masks"), device, non_blocking)
-            if raters.ndim != 4 or raters.shape[0] != image.shape[0] or raters.shape[2:] != image.shape[2:]:
-                raise ValueError(
-                    f"'{self.rater_key}' must be B x R x H x W matching the images {tuple(image.shape)}, "
-                    f"got {tuple(raters.shape)}."
-                )
+            _check_rater_stack(raters, image, f"'{self.rater_key}'")
             kwargs_out["raters"] = raters
             kwargs_out["rater_mask"] = to_engine_tensor(
                 _require(batchdata, self.rater_mask_key, "which raters are real"), device, non_blocking
@@ -103,7 +123,7 @@ class DiffusionTrainingPrepareBatch(PrepareBatch):
         return image, target, (), kwargs_out
 
 
-class SamplingPrepareBatch(PrepareBatch):
+class SamplingPrepareBatch(_ImagePrepareBatch):
     """Evaluation / inference batch -> ``(image, label or None, (), {"image_ids": ids, ...})``.
 
     ``label`` (all raters, B x M x H x W) is the evaluator's target for the metric handlers; it is
@@ -125,24 +145,17 @@ class SamplingPrepareBatch(PrepareBatch):
         image_channels: int | None = None,
         channels_last: bool = True,
     ) -> None:
-        self.image_key = image_key
+        super().__init__(image_key, class_label_key, image_channels, channels_last)
         self.label_key = label_key
         self.rater_mask_key = rater_mask_key
         self.id_key = id_key
-        self.class_label_key = class_label_key
-        self.image_channels = image_channels
-        self.channels_last = channels_last
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
-        image = to_engine_tensor(_require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last)
-        _check_image(image, self.image_channels, batchdata)
+        image = self._image(batchdata, device, non_blocking)
         label = None
         if self.label_key in batchdata:
             label = to_engine_tensor(batchdata[self.label_key], device, non_blocking)
-            if label.ndim != 4 or label.shape[0] != image.shape[0] or label.shape[2:] != image.shape[2:]:
-                raise ValueError(
-                    f"labels must be B x M x H x W matching the images {tuple(image.shape)}, got {tuple(label.shape)}."
-                )
+            _check_rater_stack(label, image, f"labels ('{self.label_key}')")
             if self.rater_mask_key in batchdata:
                 rater_mask = torch.as_tensor(batchdata[self.rater_mask_key])
                 if rater_mask.shape != label.shape[:2]:
@@ -153,5 +166,5 @@ class SamplingPrepareBatch(PrepareBatch):
         ids = batchdata.get(self.id_key)
         kwargs_out: dict = {"image_ids": list(ids) if ids is not None else None}
         if self.class_label_key is not None:
-            kwargs_out["class_labels"] = to_engine_tensor(batchdata[self.class_label_key], device).long().flatten()
+            kwargs_out["class_labels"] = self._class_labels(batchdata, device)
         return image, label, (), kwargs_out
