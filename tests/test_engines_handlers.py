@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ambiseg_monai.engines import inference_items, prepare_dataset
-from ambiseg_monai.handlers import latest_checkpoint, loss_terms_from_output, render_sample_grid
-from ambiseg_monai.handlers.mlflow_logging import config_files_from_argv
+from ambiseg_monai.handlers import LossTerms, latest_checkpoint, loss_terms_from_output, render_sample_grid
+from ambiseg_monai.reporting.provenance import config_files_from_argv
 
 
 def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
@@ -24,6 +24,20 @@ def test_loss_terms_from_output():
     assert loss_terms_from_output([output]) == {"loss": 1.5, "l_simple": 2.0}
     with pytest.raises(ValueError, match="'loss'"):
         loss_terms_from_output({"pred": {}})
+
+
+def test_loss_terms_of_a_loss_that_records_them():
+    """Latent-variable models: the terms come from the loss object's ``last_terms``, same names as recorded."""
+
+    class RecordingLoss:
+        last_terms = {"loss": 2.0, "reconstruction": 1.5, "kl": 0.05}
+
+    terms = LossTerms(RecordingLoss())
+    output = {"loss": torch.tensor(2.0), "pred": {"logits": torch.zeros(1), "kl": torch.zeros(1)}}
+    assert terms(output) == {"loss": 2.0, "reconstruction": 1.5, "kl": 0.05}
+    assert list(terms([output])) == ["loss", "reconstruction", "kl"]
+    with pytest.raises(TypeError, match="no 'last_terms'"):
+        LossTerms(torch.nn.MSELoss())
 
 
 def test_config_files_from_argv_reads_monai_bundle_command_lines():

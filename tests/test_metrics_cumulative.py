@@ -1,22 +1,11 @@
-"""MONAI CumulativeIterationMetric classes: buffering over batches, mean aggregation, per-image tables."""
+"""The suite's MONAI CumulativeIterationMetric: buffering over batches, mean aggregation, per-image tables."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ambiseg_monai.metrics import (
-    METRIC_NAMES,
-    AmbiguousSegmentationMetrics,
-    CollectiveInsightMetric,
-    CrossPairDiceMetric,
-    CrossPairIoUMetric,
-    GeneralizedEnergyDistanceMetric,
-    HungarianMatchedIoUMetric,
-    SampleDiversityMetric,
-    SNCCMetric,
-    SoftDiceMetric,
-)
+from ambiseg_monai.metrics import METRIC_NAMES, AmbiguousSegmentationMetrics
 from test_metrics_functional import CASES  # noqa: E402  (hand-computed cases, tests/ is on sys.path)
 
 
@@ -33,45 +22,30 @@ def two_batches():
     return (preds1, raters1, None), (preds2, raters2, mask2), expected
 
 
-METRIC_CLASSES = {
-    "ged": GeneralizedEnergyDistanceMetric,
-    "sample_diversity": SampleDiversityMetric,
-    "ci": CollectiveInsightMetric,
-    "combined_sensitivity": lambda: CollectiveInsightMetric(component="combined_sensitivity"),
-    "max_dice_matching": lambda: CollectiveInsightMetric(component="max_dice_matching"),
-    "diversity_agreement": lambda: CollectiveInsightMetric(component="diversity_agreement"),
-    "soft_dice": SoftDiceMetric,
-    "hm_iou": HungarianMatchedIoUMetric,
-    "cross_pair_dice": CrossPairDiceMetric,
-    "cross_pair_iou": CrossPairIoUMetric,
-    "s_ncc": SNCCMetric,
-}
-
-
-@pytest.mark.parametrize("name", list(METRIC_CLASSES))
-def test_metric_class_accumulates_and_aggregates(name):
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_single_metric_accumulates_and_aggregates(name):
     (p1, r1, m1), (p2, r2, m2), expected = two_batches()
-    metric = METRIC_CLASSES[name]()
+    metric = AmbiguousSegmentationMetrics(metrics=[name])
     first = metric(p1, r1, rater_mask=m1)
-    assert first.shape == (2, 1)
+    assert list(first) == [name] and first[name].shape == (2,)
     metric(p2, r2, rater_mask=m2)
     want = torch.tensor([e[name] for e in expected], dtype=torch.float64)
-    assert torch.allclose(metric.per_image(), want, atol=1e-7)
-    assert metric.aggregate().item() == pytest.approx(want.mean().item(), abs=1e-7)
-    assert metric.aggregate().dtype == torch.float64
-    assert metric.aggregate("none").shape == (4, 1)
+    assert torch.allclose(metric.per_image()[name], want, atol=1e-7)
+    assert metric.per_image()[name].dtype == torch.float64
+    assert metric.aggregate()[name] == pytest.approx(want.mean().item(), abs=1e-7)
     metric.reset()
-    with pytest.raises(ValueError, match="nothing to aggregate"):
+    with pytest.raises(ValueError, match="nothing buffered"):
         metric.aggregate()
 
 
-def test_soft_dice_metric_takes_a_one_channel_soft_map():
-    preds, raters, expected = CASES["basic"]
-    metric = SoftDiceMetric(thresholds=(0.5,))
-    metric(preds.mean(1, keepdim=True), raters)  # B x 1 x H x W soft map
-    metric(preds, raters)  # B x N x H x W samples: mean taken
+def test_soft_dice_takes_a_soft_map():
+    preds, raters, _ = CASES["basic"]
+    metric = AmbiguousSegmentationMetrics(metrics=["soft_dice"], thresholds=(0.5,))
+    metric(preds, raters, pred_soft=preds.float().mean(1))  # B x H x W soft map
+    metric(preds, raters)  # default: the mean of the samples
     # τ = 0.5: pred [1,1,1,0] vs GT [1,1,0,0] -> (4 + s) / (5 + s)
-    assert torch.allclose(metric.per_image(), torch.full((2,), (4 + 1e-6) / (5 + 1e-6), dtype=torch.float64))
+    want = torch.full((2,), (4 + 1e-6) / (5 + 1e-6), dtype=torch.float64)
+    assert torch.allclose(metric.per_image()["soft_dice"], want)
 
 
 def test_suite_metric_returns_dicts_and_tables():
@@ -99,12 +73,14 @@ def test_suite_metric_options_and_subset():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="component"):
-        CollectiveInsightMetric(component="dice")
     with pytest.raises(ValueError, match="unknown names"):
         AmbiguousSegmentationMetrics(metrics=["ged", "nope"])
+    with pytest.raises(ValueError, match="unknown names"):
+        AmbiguousSegmentationMetrics(metrics=[])
+    with pytest.raises(TypeError, match="unknown options"):
+        AmbiguousSegmentationMetrics(metrics=["ged"], unbaised=True)
     preds, _, _ = CASES["basic"]
     with pytest.raises(ValueError, match="rater stack y"):
-        GeneralizedEnergyDistanceMetric()(preds)
-    # sample diversity needs no raters
-    assert SampleDiversityMetric()(preds).shape == (1, 1)
+        AmbiguousSegmentationMetrics(metrics=["ged"])(preds)
+    with pytest.raises(ValueError, match="batch-first tensors"):
+        AmbiguousSegmentationMetrics()([preds[0]], preds)

@@ -1,31 +1,30 @@
 """Ignite handlers: engine.state.metrics / metric_details against hand-computed values, the rater mask taken
-from engine.state.batch, decollated outputs of a MONAI SupervisedEvaluator, soft-map selection, MetricsSaver."""
+from engine.state.batch, decollated outputs of a MONAI SupervisedEvaluator, soft-map selection, published
+names with prefix / suffix, the deprecated single-metric aliases, MetricsSaver and PerImageMetricsWriter."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MetricsSaver
+from monai.handlers import MetricsSaver, from_engine
 from monai.inferers import Inferer
 
 from ambiseg_monai.handlers import (
-    SNCC,
     AmbiguousSegmentationMetricsHandler,
     CaseIdMeta,
     CollectiveInsight,
     CrossPairDice,
-    CrossPairIoU,
     GeneralizedEnergyDistance,
-    HungarianMatchedIoU,
-    SampleDiversity,
+    PerImageMetricsWriter,
     SoftDice,
 )
-from ambiseg_monai.metrics import DEFAULT_HANDLER_METRICS
+from ambiseg_monai.metrics import CONSENSUS_PAPER_THRESHOLDS, DEFAULT_HANDLER_METRICS, soft_dice
 from test_metrics_cumulative import two_batches  # noqa: E402  (tests/ is on sys.path)
 
 CASE_IDS = ["basic", "both_empty", "only_preds_empty", "single_rater"]
@@ -101,29 +100,62 @@ def test_suite_handler_reports_missing_output_key():
         engine.run(data)
 
 
-SINGLE_HANDLERS = {
-    "ged": GeneralizedEnergyDistance,
-    "sample_diversity": SampleDiversity,
-    "ci": CollectiveInsight,
-    "max_dice_matching": lambda: CollectiveInsight(component="max_dice_matching"),
-    "hm_iou": HungarianMatchedIoU,
-    "cross_pair_dice": CrossPairDice,
-    "cross_pair_iou": CrossPairIoU,
-    "soft_dice": SoftDice,
-    "s_ncc": SNCC,
-}
-
-
-def test_single_metric_handlers():
+def test_prefix_and_suffix_publish_a_second_set_of_names():
+    """Two handlers on one engine: the samples, and the same metrics of other samples under ``*_pp``."""
     data, expected = batches_with_rater_mask()
-    engine = engine_passing_through()
-    for name, handler in SINGLE_HANDLERS.items():
-        handler().attach(engine, name)
+    engine = Engine(lambda e, b: {"pred": b["pred"], "pred_pp": torch.zeros_like(b["pred"]), "label": b["label"]})
+    AmbiguousSegmentationMetricsHandler(metrics=["ged", "ci"]).attach(engine, "ged")
+    pp = AmbiguousSegmentationMetricsHandler(metrics=["ged", "ci"], pred_key="pred_pp", suffix="_pp")
+    pp.attach(engine, "ged_pp")
+    AmbiguousSegmentationMetricsHandler(metrics=["hm_iou"], prefix="val_").attach(engine, "val_hm_iou")
     engine.run(data)
-    for name in SINGLE_HANDLERS:
-        want = torch.tensor([e[name] for e in expected], dtype=torch.float64)
-        assert engine.state.metrics[name] == pytest.approx(want.mean().item(), abs=1e-7), name
-        assert torch.allclose(engine.state.metric_details[name][:, 0].double(), want, atol=1e-7), name
+    assert set(engine.state.metrics) == {"ged", "ci", "ged_pp", "ci_pp", "val_hm_iou"}
+    assert set(engine.state.metric_details) == {"ged", "ci", "ged_pp", "ci_pp", "val_hm_iou"}
+    assert engine.state.metrics["ged"] == pytest.approx(sum(e["ged"] for e in expected) / 4)
+    assert engine.state.metrics["val_hm_iou"] == pytest.approx(sum(e["hm_iou"] for e in expected) / 4)
+    # empty samples: CI 0 except on the image whose raters are all empty as well (CI 1)
+    assert engine.state.metrics["ci_pp"] == pytest.approx(1 / 4)
+    assert engine.state.metric_details["ged_pp"].shape == (4, 1)
+
+
+def test_deprecated_single_metric_aliases_publish_under_the_attach_name():
+    """The aliases bundle configs still name give the suite handler's values under the attach name."""
+    data, _ = batches_with_rater_mask()
+    engine = Engine(lambda e, b: {"pred": b["pred"], "pred_pp": b["pred"].flip(1), "label": b["label"]})
+    AmbiguousSegmentationMetricsHandler(
+        metrics=["ged", "ci", "max_dice_matching", "cross_pair_dice"], pred_key="pred_pp", suffix="_pp"
+    ).attach(engine, "reference")
+    pp = from_engine(["pred_pp", "label"])
+    GeneralizedEnergyDistance(output_transform=pp).attach(engine, "alias_ged")
+    CollectiveInsight(output_transform=pp).attach(engine, "alias_ci")
+    CollectiveInsight(component="max_dice_matching", output_transform=pp, save_details=False).attach(engine, "alias_dmax")
+    CrossPairDice(output_transform=pp).attach(engine, "alias_cpd")
+    engine.run(data)
+    for alias, name in (("alias_ged", "ged"), ("alias_ci", "ci"), ("alias_dmax", "max_dice_matching"),
+                        ("alias_cpd", "cross_pair_dice")):
+        assert engine.state.metrics[alias] == pytest.approx(engine.state.metrics[f"{name}_pp"], abs=1e-12), alias
+    assert torch.equal(engine.state.metric_details["alias_ged"], engine.state.metric_details["ged_pp"])
+    assert "alias_dmax" not in engine.state.metric_details
+    with pytest.raises(ValueError, match="unknown names"):
+        CollectiveInsight(component="dice")
+
+
+def test_soft_dice_alias_and_suffix_read_the_soft_map():
+    """consensus diffusion's ``soft_dice_5``: the five-threshold soft Dice of the output's soft map."""
+    data, _ = batches_with_rater_mask()
+    soft = torch.tensor([[[0.0, 0.3, 0.55, 1.0]], [[0.2, 0.2, 0.8, 0.4]]])  # B x 1 x 4
+    engine = Engine(lambda e, b: {"pred": b["pred"], "label": b["label"], "pred_soft": soft})
+    AmbiguousSegmentationMetricsHandler(metrics=["soft_dice"], thresholds=CONSENSUS_PAPER_THRESHOLDS,
+                                        suffix="_5").attach(engine, "soft_dice_5")
+    SoftDice(thresholds=CONSENSUS_PAPER_THRESHOLDS, output_transform=from_engine(["pred_soft", "label"])).attach(
+        engine, "alias_soft_dice_5")
+    SoftDice().attach(engine, "alias_soft_dice")  # default: the mean of the samples
+    AmbiguousSegmentationMetricsHandler(metrics=["soft_dice"], soft_pred_key=None).attach(engine, "soft_dice")
+    engine.run(data[:1])
+    want = soft_dice(soft, data[0]["label"], CONSENSUS_PAPER_THRESHOLDS, rater_mask=data[0]["rater_mask"])
+    assert engine.state.metrics["soft_dice_5"] == pytest.approx(want.mean().item(), abs=1e-12)
+    assert engine.state.metrics["alias_soft_dice_5"] == pytest.approx(want.mean().item(), abs=1e-12)
+    assert engine.state.metrics["alias_soft_dice"] == pytest.approx(engine.state.metrics["soft_dice"], abs=1e-12)
 
 
 class FixedSamplesInferer(Inferer):
@@ -153,8 +185,11 @@ def test_supervised_evaluator_with_metrics_saver(tmp_path):
         network=torch.nn.Identity(),
         inferer=FixedSamplesInferer(samples),
         key_val_metric={"ci": AmbiguousSegmentationMetricsHandler()},
-        additional_metrics={"ged_alone": GeneralizedEnergyDistance()},
-        val_handlers=[MetricsSaver(save_dir=str(tmp_path), metric_details="*", batch_transform=CaseIdMeta())],
+        additional_metrics={"ged_alone": AmbiguousSegmentationMetricsHandler(metrics=["ged"], suffix="_alone")},
+        val_handlers=[
+            MetricsSaver(save_dir=str(tmp_path), metric_details="*", batch_transform=CaseIdMeta()),
+            PerImageMetricsWriter(tmp_path / "eval", prefix="n4_"),
+        ],
     )
     evaluator.run()
     for name in DEFAULT_HANDLER_METRICS:
@@ -169,6 +204,29 @@ def test_supervised_evaluator_with_metrics_saver(tmp_path):
     assert [float(r[1]) for r in rows[1:]] == pytest.approx([round(e["ci"], 4) for e in expected], abs=1e-4)
     metrics_csv = (tmp_path / "metrics.csv").read_text()
     assert "hm_iou," in metrics_csv and "ged_alone," in metrics_csv
+    # the reporting's table: one row per case, one column per published metric, full precision
+    with open(tmp_path / "eval" / "n4_per_image.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["case_id"] for r in table] == CASE_IDS
+    assert set(table[0]) == {"case_id", "ged_alone", *DEFAULT_HANDLER_METRICS}
+    assert [float(r["ci"]) for r in table] == pytest.approx([e["ci"] for e in expected], abs=1e-6)
+    summary = json.loads((tmp_path / "eval" / "n4_summary.json").read_text())
+    assert summary["ged"]["num_images"] == 4
+    assert summary["ged"]["mean"] == pytest.approx(evaluator.state.metrics["ged"], abs=1e-6)
+
+
+def test_per_image_writer_needs_details_and_case_ids(tmp_path):
+    data, _ = batches_with_rater_mask()
+    engine = engine_passing_through()
+    AmbiguousSegmentationMetricsHandler(save_details=False).attach(engine, "ci")
+    PerImageMetricsWriter(tmp_path).attach(engine)
+    with pytest.raises(RuntimeError, match="no per-image metric details"):
+        engine.run(data)
+    engine = engine_passing_through()
+    AmbiguousSegmentationMetricsHandler().attach(engine, "ci")
+    PerImageMetricsWriter(tmp_path, id_key="patient").attach(engine)
+    with pytest.raises(KeyError, match="no 'patient' entry"):
+        engine.run(data)
 
 
 def test_case_id_meta_accepts_collated_and_decollated_batches():

@@ -18,11 +18,13 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from ambiseg_monai import cli
-from ambiseg_monai.handlers.provenance import ProvenanceHandler, executed_config_from_argv
+from ambiseg_monai.handlers import MLflowConfigLogger, ProvenanceHandler
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.provenance import (
     datalist_sha256,
+    executed_config_from_argv,
     flatten_config,
+    hyperparameters,
     log_evaluation_results,
     log_provenance,
     summarise_per_image,
@@ -173,9 +175,11 @@ def test_log_provenance_params_tags_config(tmp_path, small_demo_dataset, empty_d
     run_id = client.create_run(experiment_id).info.run_id
     client.log_param(run_id, "max_epochs", "3")  # logged by MLFlowHandler (resolved value): no collision
     config = {"max_epochs": "$@epochs", "epochs": 3, "optimizer": {"lr": 0.001}}
-    tags = log_provenance(client, run_id, config, small_demo_dataset, bundle="cimd", run_kind="training")
+    tags = log_provenance(client, run_id, config, small_demo_dataset, bundle="cimd", run_kind="training",
+                          params={"num_raters": 4})
     run = client.get_run(run_id)
-    assert run.data.params == {"max_epochs": "3", "config.max_epochs": "$@epochs", "config.epochs": "3", "config.optimizer.lr": "0.001"}
+    assert run.data.params == {"max_epochs": "3", "config.max_epochs": "$@epochs", "config.epochs": "3",
+                               "config.optimizer.lr": "0.001", "epochs": "3", "num_raters": "4"}
     assert run.data.tags[naming.TAG_DATASET] == "demo"
     assert run.data.tags[naming.TAG_DATALIST_SHA256] == datalist_sha256(small_demo_dataset) == tags[naming.TAG_DATALIST_SHA256]
     assert run.data.tags[naming.TAG_BUNDLE] == "cimd" and run.data.tags[naming.TAG_RUN_KIND] == "training"
@@ -203,9 +207,78 @@ def test_provenance_handler_logs_into_the_mlflow_handler_run(tmp_path, small_dem
     assert run.data.params["config.lr"] == "0.01" and run.data.params["config.network_def.channels.1"] == "8"
     assert run.data.params["max_epochs"] == "2"
     assert run.data.tags[naming.TAG_DATASET] == "demo" and run.data.tags[naming.TAG_BUNDLE] == "cimd"
-    assert [f.path for f in client.list_artifacts(run.info.run_id, "config")] == ["config/executed_config.json"]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "config")] == ["config/executed_config.json", "config/files"]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "config/files")] == ["config/files/train.json"]
     with pytest.raises(FileNotFoundError, match="not_here"):
         ProvenanceHandler(config=str(tmp_path / "not_here.json"))
+
+
+def test_hyperparameters_are_the_top_level_values_known_before_running():
+    config = {
+        "imports": ["$import torch"], "_meta_": {"version": "1"}, "bundle_name": "cimd", "experiment_name": "@bundle_name",
+        "lr": 1e-3, "amp": True, "size": None, "channels": [8, 16], "mixed": [8, "$@x"], "levels": "@channels",
+        "device": "$torch.device('cpu')", "raters": "@num_raters", "num_raters": "$len(@x)", "net": {"_target_": "Net"},
+        "a": "@b", "b": "@a", "nested": "@net#_target_", "macro": "%other.json#key",
+    }
+    assert hyperparameters(config) == {"bundle_name": "cimd", "experiment_name": "cimd", "lr": 1e-3, "amp": True,
+                                       "size": None, "channels": [8, 16], "levels": [8, 16]}
+
+
+def test_provenance_handler_is_the_one_path_for_params_and_config_files(tmp_path, small_demo_dataset, empty_db,
+                                                                         monkeypatch):
+    """Command line -> params (resolved hyperparameters + config as written), executed config, config files;
+    the deprecated MLflowConfigLogger logs the config artifacts alone."""
+    uri = fresh_store(empty_db, tmp_path / "one.db")
+    base, overlay = tmp_path / "train.json", tmp_path / "lidc.json"
+    base.write_text(json.dumps({"bundle_name": "cimd", "learning_rate": 0.01, "amp": True, "channels": [4, 8],
+                                "num_raters": "$len([1, 2, 3])", "max_epochs": 5}))
+    overlay.write_text(json.dumps({"channels": [8, 16]}))
+    monkeypatch.setattr("sys.argv", ["monai.bundle", "run", "training", "--config_file", f"['{base}', '{overlay}']",
+                                     "--learning_rate", "0.5"])
+    runs = {}
+    for name, handler_of in (
+        ("provenance", lambda h: ProvenanceHandler(mlflow_handler=h, params={"num_raters": 3})),
+        ("config_only", lambda h: MLflowConfigLogger(h)),
+    ):
+        mlflow_handler = MLFlowHandler(tracking_uri=uri, experiment_name=name, output_transform=lambda out: None)
+        engine = Engine(lambda e, batch: None)
+        mlflow_handler.attach(engine)
+        handler_of(mlflow_handler).attach(engine)
+        engine.run([0], max_epochs=1)
+        client = mlflow.MlflowClient(uri)
+        (runs[name],) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    params = runs["provenance"].data.params
+    assert params["learning_rate"] == "0.5" and params["config.learning_rate"] == "0.5"  # the override
+    assert params["amp"] == "True" and params["config.amp"] == "true"  # MLFlowHandler's / the config's spelling
+    assert params["channels"] == "[8, 16]" and params["config.channels.1"] == "16"  # the overlay
+    assert params["num_raters"] == "3" and params["config.num_raters"] == "$len([1, 2, 3])"
+    assert params["max_epochs"] == "1"  # logged first by MLFlowHandler (the engine's value): kept
+    for name in runs:
+        run_id = runs[name].info.run_id
+        artifacts = [a.path for a in client.list_artifacts(run_id, "config")]
+        assert artifacts == ["config/executed_config.json", "config/files"], name
+        files = [a.path for a in client.list_artifacts(run_id, "config/files")]
+        assert files == ["config/files/lidc.json", "config/files/train.json"], name
+        logged = json.loads(open(client.download_artifacts(run_id, "config/executed_config.json", str(tmp_path))).read())
+        assert logged["channels"] == [8, 16] and logged["learning_rate"] == 0.5, name
+    assert not any(k.startswith("config.") for k in runs["config_only"].data.params)
+    assert naming.TAG_CODE_VERSION not in runs["config_only"].data.tags
+
+
+def test_provenance_handler_built_by_a_bundle_reads_the_config_being_parsed(monkeypatch):
+    """``monai.bundle.run(...)`` from Python has no command line: the handler reads its parser's config."""
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setattr("sys.argv", ["python"])
+    config = {"lr": 0.1, "epochs": "@lr", "steps": "$@epochs * 2",
+              "handler": {"_target_": "ambiseg_monai.handlers.ProvenanceHandler", "params": {"steps": "@steps"}}}
+    parser = ConfigParser(config)
+    parser.update({"lr": 0.5})
+    handler = parser.get_parsed_content("handler")
+    assert handler.config["lr"] == 0.5 and handler.config["steps"] == "$@epochs * 2"
+    assert handler.params == {"steps": 1.0} and handler.config_files == []
+    assert hyperparameters(handler.config) == {"lr": 0.5, "epochs": 0.5}
+    assert ProvenanceHandler().config is None  # neither a bundle nor a command line
 
 
 def test_executed_config_from_argv_applies_overrides(tmp_path):

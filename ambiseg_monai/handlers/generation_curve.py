@@ -21,10 +21,10 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers.utils import from_engine
-from monai.utils import convert_to_tensor, evenly_divisible_all_gather
+from monai.utils import evenly_divisible_all_gather
 
 from ambiseg_monai.engines.consensus import combine_consensus_samples
-from ambiseg_monai.handlers.metrics import rater_mask_from_batch
+from ambiseg_monai.handlers.metrics import as_batch, rater_mask_from_batch
 from ambiseg_monai.handlers.mlflow_logging import log_artifact, mlflow_run_id
 from ambiseg_monai.metrics.soft_dice import CONSENSUS_PAPER_THRESHOLDS, QUBIQ_THRESHOLDS, soft_dice
 
@@ -65,12 +65,6 @@ def soft_dice_by_generations(
         for g in generations
     ]
     return torch.stack(columns, dim=1)
-
-
-def _as_batch(value: Any) -> torch.Tensor:
-    if isinstance(value, (list, tuple)):
-        return torch.stack([convert_to_tensor(v, track_meta=False) for v in value])
-    return convert_to_tensor(value, track_meta=False)
 
 
 class GenerationCurveHandler:
@@ -136,7 +130,7 @@ class GenerationCurveHandler:
                 f"GenerationCurveHandler: engine.state.output needs '{self.samples_key}' (B x C x G x H x W, "
                 f"ConsensusSamplingInferer with return_samples=True) and '{self.label_key}' (raters)."
             ) from error
-        samples, raters = _as_batch(samples), _as_batch(raters)
+        samples, raters = as_batch(samples, "samples"), as_batch(raters, "label")
         rater_mask = self.batch_transform(engine.state.batch)
         if not self._values:  # used without attach(): no EPOCH_STARTED reset happened
             self.reset()

@@ -1,38 +1,59 @@
-"""MLflow helpers shared by the bundles: run names, the executed config, artifacts of a run.
+"""MLflow handlers shared by the bundles: the run's provenance and parameters, metrics under a prefix, a
+failure-tolerant ``MLFlowHandler``, and the helpers they share (run names, artifacts).
 
-MONAI's ``MLFlowHandler`` owns the run (tracking URI, experiment, metrics, parameters). The helpers
-here log into *that* run through the handler's client, so every bundle writes one run per training
-to the shared store (``sqlite:///mlruns.db`` by default). :class:`GuardedMLFlowHandler` is that
-handler with a client that survives a tracking server failing mid-run (see
-:class:`ambiseg_monai.reporting.tracking.FailoverClient`).
+MONAI's ``MLFlowHandler`` owns the run (tracking URI, experiment, metrics). The handlers here log into *that*
+run through the handler's client, so every bundle writes one run per training to the shared store
+(``sqlite:///mlruns.db`` by default):
+
+- :class:`ProvenanceHandler`: the one place for what a run was: its parameters (the resolved
+  hyperparameters and the whole config as written), the executed config and config files, dataset identity and
+  code version (see :func:`ambiseg_monai.reporting.provenance.log_provenance`);
+- :class:`MLflowMetricsLogger`: ``engine.state.metrics`` under a name prefix (``test_n16_ged``);
+- :class:`GuardedMLFlowHandler`: ``MLFlowHandler`` whose client survives a tracking server failing mid-run
+  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`).
+
+Per-image tables are written by :class:`~ambiseg_monai.handlers.PerImageMetricsWriter` and logged with the
+evaluation folder (``MLFlowHandler(artifacts=...)``); loss terms by
+:class:`~ambiseg_monai.handlers.LossTerms` as the handlers' ``output_transform``.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
 import os
-import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+
+from ambiseg_monai.reporting import naming
+from ambiseg_monai.reporting.provenance import (
+    config_being_parsed,
+    config_files_from_argv,
+    executed_config_from_argv,
+    load_config,
+    log_executed_config,
+    log_provenance,
+)
 
 __all__ = [
     "default_run_name",
     "mlflow_run_id",
     "log_artifact",
-    "config_files_from_argv",
+    "ProvenanceHandler",
     "MLflowConfigLogger",
     "MLflowMetricsLogger",
     "GuardedMLFlowHandler",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Artifact folder of the copies of the config files a run was started with.
+CONFIG_FILES_ARTIFACT_DIR = f"{naming.CONFIG_ARTIFACT_DIR}/files"
 
 
 def default_run_name(prefix: str) -> str:
@@ -56,76 +77,135 @@ def log_artifact(mlflow_handler, path: str | Path, artifact_path: str | None = N
     return True
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def _client_and_run(mlflow_handler: Any | None, engine: Engine, owner: str) -> tuple[mlflow.MlflowClient, str]:
+    """The client and run id of ``mlflow_handler`` (started here if it has not started yet), or of the
+    active ``mlflow.start_run`` run when no handler is given."""
+    if mlflow_handler is not None:
+        if mlflow_handler.cur_run is None:
+            # Handlers run in attachment order; starting the MLflow run here makes the order irrelevant
+            # (MLFlowHandler.start reuses a run that is already set).
+            mlflow_handler.start(engine)
+        return mlflow_handler.client, mlflow_handler.cur_run.info.run_id
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError(f"{owner}: no mlflow_handler given and no active MLflow run (mlflow.start_run).")
+    return mlflow.MlflowClient(), active.info.run_id
 
 
-def config_files_from_argv(argv: Sequence[str] | None = None) -> tuple[list[str], dict]:
-    """The config files and ``--key value`` overrides of a ``python -m monai.bundle run`` command line.
+class ProvenanceHandler:
+    """Log what a reader needs to trust and re-run a run, at ``Events.STARTED``, to the run of an
+    ``MLFlowHandler`` (or, without one, to the active ``mlflow.start_run`` run). The one path for a run's
+    parameters: a bundle needs no ``experiment_param`` list next to it.
 
-    ``--config_file`` may be one path or a Python/JSON list of paths (an overlay after the base config).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    files: list[str] = []
-    overrides: dict = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--"):
-            key, _, value = token[2:].partition("=")
-            if not _:
-                value = argv[i + 1] if i + 1 < len(argv) else ""
-                i += 1
-            if key == "config_file":
-                parsed = _parse_value(value)
-                files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [value])]
-            elif key not in ("meta_file", "logging_file", "args_file", "tracking"):
-                overrides[key] = _parse_value(value)
-        i += 1
-    return files, overrides
+    Logged (once per run, also when the engine restarts):
 
-
-class MLflowConfigLogger:
-    """At ``Events.STARTED``, log the executed configuration into the MLflow run of ``mlflow_handler``.
-
-    Logs ``config/executed_config.json`` (the config files merged in order, as ``monai.bundle run``
-    merges them, plus the command-line overrides) and a copy of each config file.
+    - params: the resolved hyperparameters, unprefixed (``learning_rate``, ``max_epochs``, ...: every
+      top-level config value known without running the bundle, plus ``params``), and the whole config as
+      written, flattened under ``config.`` (``config.network_def.denoiser.channels.0``);
+    - tags ``ambiseg.bundle / run_kind / dataset / datalist_sha256 / code_version / git_describe``;
+    - artifacts ``config/executed_config.json`` (the config files merged in order plus the command line's
+      overrides) and, when the config came from files, a copy of each under ``config/files/``.
 
     Args:
-        mlflow_handler: the MONAI ``MLFlowHandler`` attached (before this handler) to the same engine.
-        config_files: files to log; default: those of the current ``monai.bundle run`` command line.
-        overrides: extra key/value overrides to record; default: those of the command line.
+        config: the executed config: a dict, or the config file(s) merged in order (e.g. the path MONAI's
+            ``--tracking`` writes to ``@save_execute_config``). Default: the config of the bundle that builds
+            this handler (the ``monai.bundle`` parser's content: files merged, overrides applied; see
+            :func:`~ambiseg_monai.reporting.provenance.config_being_parsed`), else the config files and
+            ``--key value`` overrides of the ``python -m monai.bundle run`` command line (nothing when there is
+            neither). The config files named on the command line are copied to ``config/files/``.
+        dataset_dir: dataset folder (name and SHA-256 of its ``datalist.json``); None to skip.
+        mlflow_handler: MONAI ``MLFlowHandler`` whose run receives the provenance.
+        bundle: bundle name.
+        run_kind: ``training``, ``evaluation`` or ``inference``.
+        params: resolved values the config computes (``$`` expressions, e.g. ``{"num_raters": "@num_raters"}``),
+            logged as unprefixed params next to the literal hyperparameters.
+        log_hyperparameters: log the config's top-level literal values as unprefixed params.
+        log_config_file: also log the executed config and the config files as artifacts.
+        is_main_process: False on non-zero ranks of a distributed run (nothing is logged there).
     """
 
-    def __init__(self, mlflow_handler, config_files: Sequence[str] | None = None, overrides: dict | None = None):
+    def __init__(
+        self,
+        config: Mapping[str, Any] | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        dataset_dir: str | os.PathLike | None = None,
+        mlflow_handler: Any | None = None,
+        bundle: str | None = None,
+        run_kind: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        log_hyperparameters: bool = True,
+        log_config_file: bool = True,
+        is_main_process: bool = True,
+    ) -> None:
+        # read the config now, so that a wrong path fails when the bundle is parsed, not after setup
+        if config is None:
+            self.config = config_being_parsed() or executed_config_from_argv()
+            files = config_files_from_argv()[0] if self.config is not None else []
+        elif isinstance(config, Mapping):
+            self.config, files = load_config(config), []
+        else:
+            files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+            self.config = load_config(files)
+        self.config_files = [Path(f) for f in files if Path(f).is_file()]
+        if dataset_dir is not None and not Path(dataset_dir).is_dir():
+            raise FileNotFoundError(f"{type(self).__name__}: dataset_dir {dataset_dir} is not a folder.")
+        self.dataset_dir = dataset_dir
         self.mlflow_handler = mlflow_handler
-        self.config_files = list(config_files) if config_files is not None else None
-        self.overrides = overrides
+        self.bundle = bundle
+        self.run_kind = run_kind
+        self.params = dict(params or {})
+        self.log_hyperparameters = log_hyperparameters
+        self.log_config_file = log_config_file
+        self.is_main_process = is_main_process
+        self.logged_run_id: str | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        """Register the handler on ``engine`` (trainer or evaluator)."""
+        if not engine.has_event_handler(self.started, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.started)
 
-    def __call__(self, engine: Engine) -> None:
-        from monai.bundle import ConfigParser
-
-        files, overrides = config_files_from_argv()
-        files = self.config_files if self.config_files is not None else files
-        overrides = self.overrides if self.overrides is not None else overrides
-        files = [f for f in files if Path(f).is_file()]
-        if not files:
-            logger.warning("no config file found to log to MLflow")
+    def started(self, engine: Engine) -> None:
+        """Log params, tags and the config artifacts (once per run, also when the engine restarts)."""
+        if not self.is_main_process:
             return
-        merged = ConfigParser.load_config_files(files)
-        merged.update(overrides)
-        with tempfile.TemporaryDirectory() as tmp:
-            executed = Path(tmp) / "executed_config.json"
-            executed.write_text(json.dumps(merged, indent=2, default=str), encoding="utf-8")
-            if log_artifact(self.mlflow_handler, executed, "config"):
-                for f in files:
-                    log_artifact(self.mlflow_handler, f, "config/files")
+        client, run_id = _client_and_run(self.mlflow_handler, engine, type(self).__name__)
+        if run_id == self.logged_run_id:
+            return
+        log_provenance(
+            client, run_id, self.config, self.dataset_dir, self.bundle, self.run_kind, log_config_file=False,
+            params=self.params, log_hyperparameters=self.log_hyperparameters,
+        )  # fmt: skip
+        if self.log_config_file:
+            self._log_config_artifacts(client, run_id)
+        self.logged_run_id = run_id
+
+    def _log_config_artifacts(self, client: mlflow.MlflowClient, run_id: str) -> None:
+        if self.config is None:
+            logger.info("no config file found to log to MLflow")
+            return
+        log_executed_config(client, run_id, self.config)
+        for path in self.config_files:
+            client.log_artifact(run_id, str(path), CONFIG_FILES_ARTIFACT_DIR)
+
+
+class MLflowConfigLogger(ProvenanceHandler):
+    """Deprecated: the config artifacts alone (``config/executed_config.json`` and ``config/files/``), which
+    :class:`ProvenanceHandler` logs itself with its default ``log_config_file=True``. Kept for bundle configs
+    that list both (their ``ProvenanceHandler`` has ``log_config_file: false``); remove it from them.
+
+    Args:
+        mlflow_handler: the MONAI ``MLFlowHandler`` whose run receives the files.
+        config_files: files to log (merged in order); default: the ``monai.bundle run`` command line's files
+            and overrides.
+    """
+
+    def __init__(self, mlflow_handler, config_files: Sequence[str] | None = None) -> None:
+        super().__init__(config=config_files, mlflow_handler=mlflow_handler)
+
+    def started(self, engine: Engine) -> None:
+        client, run_id = _client_and_run(self.mlflow_handler, engine, type(self).__name__)
+        if run_id != self.logged_run_id:
+            self._log_config_artifacts(client, run_id)
+            self.logged_run_id = run_id
 
 
 class MLflowMetricsLogger:

@@ -6,72 +6,79 @@ import csv
 import json
 from pathlib import Path
 
+import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import MetricsSaver
+from monai.utils import string_list_all_gather
 
 from ambiseg_monai.data.nifti import save_channel_first_nifti
+from ambiseg_monai.handlers.metrics import CaseIdMeta, as_batch, batch_field
 
 __all__ = ["PerImageMetricsWriter", "NiftiSampleWriter"]
 
 
-def _batch_field(batch, key):
-    if isinstance(batch, dict):
-        return batch.get(key)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
-        return [item.get(key) for item in batch]
-    return None
-
-
-class PerImageMetricsWriter:
-    """At ``Events.COMPLETED``, write ``<prefix>per_image.csv`` and ``<prefix>summary.json``.
+class PerImageMetricsWriter(MetricsSaver):
+    """MONAI's ``MetricsSaver`` writing one per-image table with case ids: ``<prefix>per_image.csv`` (a
+    ``case_id`` column, then one column per metric) and ``<prefix>summary.json``, at the end of each epoch.
 
     The per-image values come from ``engine.state.metric_details`` (filled by
-    :class:`~ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler` with ``save_details=True``),
-    the row names from the batches' ``id_key`` in iteration order. The summary holds, per metric, the
-    mean, standard deviation, median, min and max over images, and the number of images.
+    :class:`~ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler` with ``save_details=True``), the row
+    names from the batches' ``id_key`` (MetricsSaver's ``batch_transform`` is :class:`CaseIdMeta`; in a
+    distributed evaluation MetricsSaver gathers them from all ranks and only ``save_rank`` writes). The
+    summary holds, per metric, the mean, standard deviation, median, min and max over images, and the number
+    of images.
+
+    Why not MetricsSaver's own files: ``ambiseg compare`` and :mod:`ambiseg_monai.reporting` read one table
+    per number of samples, ``n<N>_per_image.csv`` with all metrics as columns at full precision
+    (:mod:`ambiseg_monai.reporting.naming`); ``MetricsSaver`` writes one ``<metric>_raw.csv`` per metric with
+    4 decimals and no file-name prefix.
 
     Args:
         output_dir: destination folder (created).
-        prefix: file-name prefix (e.g. ``"n4_"``).
+        prefix: file-name prefix (``"n4_"`` -> ``n4_per_image.csv``, the name the reporting reads).
         id_key: batch key of the case ids.
+        metric_details: which ``metric_details`` to write (``"*"``: all), as for ``MetricsSaver``.
+        save_rank: the rank that writes in a distributed evaluation.
     """
 
-    def __init__(self, output_dir: str | Path, prefix: str = "", id_key: str = "case_id") -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        prefix: str = "",
+        id_key: str = "case_id",
+        metric_details: str | list[str] = "*",
+        save_rank: int = 0,
+    ) -> None:
+        super().__init__(
+            save_dir=str(output_dir), metrics=None, metric_details=metric_details,
+            batch_transform=CaseIdMeta(id_key), save_rank=save_rank,
+        )  # fmt: skip
         self.output_dir = Path(output_dir)
         self.prefix = prefix
-        self.id_key = id_key
-        self._ids: list[str] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self._ids = []
-
-    def _collect(self, engine: Engine) -> None:
-        ids = _batch_field(engine.state.batch, self.id_key)
-        if ids is None:
-            raise KeyError(f"PerImageMetricsWriter: the batch has no '{self.id_key}' to name the rows.")
-        self._ids.extend(str(i) for i in ids)
-
-    def _write(self, engine: Engine) -> None:
+    def __call__(self, engine: Engine) -> None:
+        case_ids = self._gathered_filenames()
+        if idist.get_rank() != self.save_rank:
+            return
         details = getattr(engine.state, "metric_details", None) or {}
-        if not details:
-            raise RuntimeError("PerImageMetricsWriter: no per-image metric details; enable save_details on the metric handler.")
-        columns = {name: torch.as_tensor(values).reshape(-1).double().cpu().numpy() for name, values in details.items()}
+        wanted = {k: v for k, v in details.items() if "*" in self.metric_details or k in self.metric_details}
+        if not wanted:
+            raise RuntimeError(
+                f"{type(self).__name__}: no per-image metric details; enable save_details on the metric handler."
+            )
+        columns = {name: torch.as_tensor(values).reshape(-1).double().cpu().numpy() for name, values in wanted.items()}
         lengths = {len(v) for v in columns.values()}
-        if lengths != {len(self._ids)}:
-            raise RuntimeError(f"per-image metric lengths {sorted(lengths)} do not match the {len(self._ids)} case ids.")
+        if lengths != {len(case_ids)}:
+            raise RuntimeError(f"per-image metric lengths {sorted(lengths)} do not match the {len(case_ids)} case ids.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         names = sorted(columns)
         with open(self.output_dir / f"{self.prefix}per_image.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["case_id", *names])
-            for row, case in enumerate(self._ids):
+            for row, case in enumerate(case_ids):
                 writer.writerow([case, *(f"{columns[n][row]:.6f}" for n in names)])
         summary = {
             name: {
@@ -85,6 +92,12 @@ class PerImageMetricsWriter:
             for name, v in columns.items()
         }
         (self.output_dir / f"{self.prefix}summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+    def _gathered_filenames(self) -> list[str]:
+        """The case ids of every rank, in MetricsSaver's order (what it would write as row names)."""
+        if idist.get_world_size() > 1:
+            return string_list_all_gather(strings=self._filenames)
+        return list(self._filenames)
 
 
 class NiftiSampleWriter:
@@ -116,11 +129,12 @@ class NiftiSampleWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        output = engine.state.output
-        samples = output[self.pred_key] if isinstance(output, dict) else torch.stack([o[self.pred_key] for o in output])
-        samples = torch.as_tensor(samples).detach().float().cpu()
-        ids = _batch_field(engine.state.batch, self.id_key)
-        paths = _batch_field(engine.state.batch, self.path_key)
+        samples = batch_field(engine.state.output, self.pred_key)
+        if samples is None:
+            raise KeyError(f"NiftiSampleWriter: engine.state.output has no '{self.pred_key}' entry.")
+        samples = as_batch(samples, self.pred_key).detach().float().cpu()
+        ids = batch_field(engine.state.batch, self.id_key)
+        paths = batch_field(engine.state.batch, self.path_key)
         if ids is None or paths is None:
             raise KeyError(f"NiftiSampleWriter: the batch needs '{self.id_key}' and '{self.path_key}'.")
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ambiseg_monai.handlers.metrics import as_batch, batch_field
 from ambiseg_monai.handlers.mlflow_logging import log_artifact
 
 __all__ = ["render_sample_grid", "SampleGridHandler"]
@@ -127,14 +128,11 @@ class SampleGridHandler:
 
     @staticmethod
     def _field(container, key):
-        if isinstance(container, dict):
-            return container.get(key)
-        if isinstance(container, (list, tuple)) and container and isinstance(container[0], dict):
-            values = [item.get(key) for item in container]
-            if any(v is None for v in values):
-                return None
-            return values if isinstance(values[0], str) else torch.stack([torch.as_tensor(_numpy(v)) for v in values])
-        return None
+        """``container[key]`` of a collated batch / output, stacked from a decollated one (strings as a list)."""
+        value = batch_field(container, key)
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            return as_batch(value, key)
+        return value
 
     def __call__(self, engine: Engine) -> None:
         if not self._pending:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ambiseg_monai.metrics.inputs import check_binary_stack, check_rater_mask, check_same_geometry
+from ambiseg_monai.metrics.inputs import check_preds_and_raters
 from ambiseg_monai.metrics.pairwise import MaskSetOverlaps, masked_mean
 
 __all__ = [
@@ -107,10 +107,7 @@ def collective_insight(
         dict with B float64 tensors under ``combined_sensitivity``, ``max_dice_matching``,
         ``diversity_agreement`` and ``ci`` (all higher is better, in [0, 1]).
     """
-    preds = check_binary_stack(preds, "preds")
-    raters = check_binary_stack(raters, "raters")
-    check_same_geometry(preds, raters)
-    mask = check_rater_mask(rater_mask, raters)
+    preds, raters, mask = check_preds_and_raters(preds, raters, rater_mask)
     overlaps = MaskSetOverlaps.from_masks(preds, raters, mask)
     sensitivity = combined_sensitivity_from_overlaps(overlaps)
     dice_matching = max_dice_matching_from_overlaps(overlaps)

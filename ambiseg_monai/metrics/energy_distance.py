@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ambiseg_monai.metrics.inputs import check_binary_stack, check_rater_mask, check_same_geometry
+from ambiseg_monai.metrics.inputs import check_binary_stack, check_preds_and_raters
 from ambiseg_monai.metrics.pairwise import MaskSetOverlaps, masked_mean
 
 __all__ = [
@@ -68,11 +68,8 @@ def generalized_energy_distance(
     Returns:
         B float64 tensor of GED values (lower is better).
     """
-    preds = check_binary_stack(preds, "preds")
-    raters = check_binary_stack(raters, "raters")
-    check_same_geometry(preds, raters)
-    mask = check_rater_mask(rater_mask, raters)
-    return generalized_energy_distance_from_overlaps(MaskSetOverlaps.from_masks(preds, raters, mask), unbiased)
+    overlaps = MaskSetOverlaps.from_masks(*check_preds_and_raters(preds, raters, rater_mask))
+    return generalized_energy_distance_from_overlaps(overlaps, unbiased)
 
 
 def sample_diversity(preds: torch.Tensor, unbiased: bool = False) -> torch.Tensor:

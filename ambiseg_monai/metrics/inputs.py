@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_binary_stack", "check_probability_stack", "check_rater_mask", "check_same_geometry"]
+__all__ = [
+    "check_binary_stack",
+    "check_probability_stack",
+    "check_rater_mask",
+    "check_same_geometry",
+    "check_preds_and_raters",
+]
 
 
 def check_binary_stack(masks: torch.Tensor, name: str) -> torch.Tensor:
@@ -109,3 +115,14 @@ def check_rater_mask(rater_mask: torch.Tensor | None, raters: torch.Tensor) -> t
     if without_rater:
         raise ValueError(f"rater_mask: images at batch positions {without_rater} have no real rater.")
     return rater_mask
+
+
+def check_preds_and_raters(
+    preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None, raters_name: str = "raters"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check B x N x H x W binary predictions against B x M x H x W binary reference masks (raters, or a
+    true distribution's modes) and their optional B x M mask; return ``(preds, raters, mask)`` as ``bool``."""
+    preds = check_binary_stack(preds, "preds")
+    raters = check_binary_stack(raters, raters_name)
+    check_same_geometry(preds, raters)
+    return preds, raters, check_rater_mask(rater_mask, raters)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ambiseg_monai.metrics.inputs import check_binary_stack, check_rater_mask, check_same_geometry
+from ambiseg_monai.metrics.inputs import check_preds_and_raters
 from ambiseg_monai.metrics.pairwise import MaskSetOverlaps, masked_mean
 
 __all__ = [
@@ -63,10 +63,7 @@ def hungarian_matched_iou_from_overlaps(overlaps: MaskSetOverlaps) -> torch.Tens
 
 
 def _overlaps(preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None) -> MaskSetOverlaps:
-    preds = check_binary_stack(preds, "preds")
-    raters = check_binary_stack(raters, "raters")
-    check_same_geometry(preds, raters)
-    return MaskSetOverlaps.from_masks(preds, raters, check_rater_mask(rater_mask, raters))
+    return MaskSetOverlaps.from_masks(*check_preds_and_raters(preds, raters, rater_mask))
 
 
 def cross_pair_dice(
@@ -95,14 +92,7 @@ def cross_pair_iou(
 def hungarian_matched_iou(
     preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Hungarian-matched IoU (HM-IoU) of each image.
-
-    Args:
-        preds: B x N x H x W binary predicted samples.
-        raters: B x M x H x W binary rater masks.
-        rater_mask: optional B x M bool marking real raters (the LCM uses each image's own rater count).
-
-    Returns:
-        B float64 tensor in [0, 1].
-    """
+    """Hungarian-matched IoU (HM-IoU) of each image: B float64 values in [0, 1] (shapes as
+    :func:`cross_pair_dice`); with ``rater_mask`` the LCM of sample and rater counts uses each image's own
+    number of real raters."""
     return hungarian_matched_iou_from_overlaps(_overlaps(preds, raters, rater_mask))

@@ -1,14 +1,20 @@
 """The whole metric suite in one pass: one Gram matrix and per-pixel counts serve every metric.
 
-Use this (or the Ignite handler built on it) to evaluate many metrics at once; the individual functions
-recompute the shared statistics each time they are called.
+MONAI's pattern: a functional metric, :func:`ambiguous_segmentation_metrics`, and a
+``CumulativeIterationMetric`` on top of it, :class:`AmbiguousSegmentationMetrics`, which buffers one value per
+image and metric over batches. The Ignite handler
+(:class:`ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler`) wraps the class. Use them to evaluate
+one or many metrics; the individual functions (``generalized_energy_distance``, ...) recompute the shared
+statistics each time they are called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from monai.metrics import CumulativeIterationMetric
 
 from ambiseg_monai.metrics.collective_insight import (
     ci_from_components,
@@ -20,12 +26,7 @@ from ambiseg_monai.metrics.energy_distance import (
     generalized_energy_distance_from_overlaps,
     sample_diversity_from_overlaps,
 )
-from ambiseg_monai.metrics.inputs import (
-    check_binary_stack,
-    check_probability_stack,
-    check_rater_mask,
-    check_same_geometry,
-)
+from ambiseg_monai.metrics.inputs import check_preds_and_raters, check_probability_stack, check_same_geometry
 from ambiseg_monai.metrics.matching import (
     cross_pair_dice_from_overlaps,
     cross_pair_iou_from_overlaps,
@@ -35,7 +36,13 @@ from ambiseg_monai.metrics.ncc import s_ncc_from_counts
 from ambiseg_monai.metrics.pairwise import MaskSetOverlaps
 from ambiseg_monai.metrics.soft_dice import QUBIQ_THRESHOLDS, soft_dice_from_counts, soft_dice_from_maps
 
-__all__ = ["METRIC_NAMES", "DEFAULT_HANDLER_METRICS", "ambiguous_segmentation_metrics"]
+__all__ = [
+    "METRIC_NAMES",
+    "DEFAULT_HANDLER_METRICS",
+    "METRIC_OPTIONS",
+    "ambiguous_segmentation_metrics",
+    "AmbiguousSegmentationMetrics",
+]
 
 #: Every metric the suite can compute, under its stable name.
 METRIC_NAMES = (
@@ -53,6 +60,8 @@ METRIC_NAMES = (
 )
 #: The names an evaluator publishes by default.
 DEFAULT_HANDLER_METRICS = METRIC_NAMES[:8]
+#: Keyword options of :func:`ambiguous_segmentation_metrics` (and of the classes built on it).
+METRIC_OPTIONS = ("unbiased", "include_self_pairs", "harmonic", "thresholds", "eps", "images_per_chunk")
 _CI_PARTS = {"combined_sensitivity", "max_dice_matching", "diversity_agreement", "ci"}
 
 
@@ -141,10 +150,7 @@ def ambiguous_segmentation_metrics(
         dict name -> B float64 tensor, in the order of ``metrics``.
     """
     names = _check_names(metrics)
-    preds = check_binary_stack(preds, "preds")
-    raters = check_binary_stack(raters, "raters")
-    check_same_geometry(preds, raters)
-    mask = check_rater_mask(rater_mask, raters)
+    preds, raters, mask = check_preds_and_raters(preds, raters, rater_mask)
     if pred_soft is not None and "soft_dice" in names:
         pred_soft = check_probability_stack(pred_soft, "pred_soft", ndim=3)
         check_same_geometry(pred_soft[:, None], raters, "pred_soft")
@@ -161,3 +167,61 @@ def ambiguous_segmentation_metrics(
         soft_part = None if pred_soft is None else pred_soft[part]
         chunks.append(_metrics_of_chunk(names, preds[part], raters[part], mask[part], soft_part, options))
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
+
+
+class AmbiguousSegmentationMetrics(CumulativeIterationMetric):
+    """MONAI ``CumulativeIterationMetric`` over :func:`ambiguous_segmentation_metrics`: one buffer per metric.
+
+    ``metric(y_pred, y, rater_mask=None, pred_soft=None)`` computes the requested metrics of a batch
+    (``y_pred`` B x N x H x W binary samples, ``y`` B x M x H x W rater masks), buffers them (one B x 1 column
+    per metric, synchronised across ranks by MONAI's ``Cumulative``) and returns name -> B values;
+    ``aggregate()`` returns name -> mean over all buffered images, ``per_image()`` name -> 1-D table.
+    For a single metric pass ``metrics=["ged"]``.
+
+    Args:
+        metrics: names to compute (see :data:`METRIC_NAMES`).
+        options: the metric options of :func:`ambiguous_segmentation_metrics` (``unbiased``,
+            ``include_self_pairs``, ``harmonic``, ``thresholds``, ``eps``, ``images_per_chunk``).
+    """
+
+    def __init__(self, metrics: Sequence[str] = METRIC_NAMES, **options: Any) -> None:
+        super().__init__()
+        self.metrics = _check_names(metrics)
+        unknown = sorted(set(options) - set(METRIC_OPTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown options {unknown}; choose from {METRIC_OPTIONS}.")
+        if "thresholds" in options:
+            options["thresholds"] = tuple(options["thresholds"])
+        self.options = options
+
+    def _compute_tensor(
+        self,
+        y_pred: torch.Tensor,
+        y: torch.Tensor | None = None,
+        rater_mask: torch.Tensor | None = None,
+        pred_soft: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        if y is None:
+            raise ValueError("AmbiguousSegmentationMetrics: the rater stack y (B x M x H x W) is required.")
+        values = ambiguous_segmentation_metrics(y_pred, y, rater_mask, pred_soft, self.metrics, **self.options)
+        return [values[name][:, None] for name in self.metrics]
+
+    def __call__(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(y_pred, torch.Tensor):
+            raise ValueError("AmbiguousSegmentationMetrics expects batch-first tensors (B x N x H x W samples).")
+        columns = super().__call__(y_pred, y, **kwargs)
+        columns = columns if isinstance(columns, (list, tuple)) else [columns]
+        return {name: column[:, 0] for name, column in zip(self.metrics, columns)}
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """name -> 1-D float64 tensor with the value of every image seen since the last ``reset()``."""
+        buffers = self.get_buffer()
+        if buffers is None:
+            raise ValueError("AmbiguousSegmentationMetrics: nothing buffered yet; call the metric on a batch first.")
+        buffers = buffers if isinstance(buffers, list) else [buffers]
+        return {name: buffer[:, 0] for name, buffer in zip(self.metrics, buffers)}
+
+    def aggregate(self) -> dict[str, float]:
+        """name -> mean over all buffered images."""
+        return {name: float(values.mean()) for name, values in self.per_image().items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ambiseg_monai.metrics.inputs import check_binary_stack, check_rater_mask, check_same_geometry
+from ambiseg_monai.metrics.inputs import check_binary_stack, check_preds_and_raters, check_rater_mask
 from ambiseg_monai.metrics.pairwise import MaskSetOverlaps
 
 __all__ = [
@@ -57,10 +57,7 @@ def _check_probabilities(probabilities: torch.Tensor, modes: torch.Tensor, mode_
 
 
 def _overlaps(preds: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor | None) -> MaskSetOverlaps:
-    preds = check_binary_stack(preds, "preds")
-    modes = check_binary_stack(modes, "modes")
-    check_same_geometry(preds, modes)
-    return MaskSetOverlaps.from_masks(preds, modes, check_rater_mask(mode_mask, modes))
+    return MaskSetOverlaps.from_masks(*check_preds_and_raters(preds, modes, mode_mask, "modes"))
 
 
 def generalized_energy_distance_to_truth(
@@ -177,10 +174,7 @@ def region_inclusion_frequency(
     Returns:
         B x L float64 frequencies; 0 for an image whose samples are all empty.
     """
-    preds = check_binary_stack(preds, "preds")
-    regions = check_binary_stack(regions, "regions")
-    check_same_geometry(preds, regions)
-    region_mask = check_rater_mask(region_mask, regions)
+    preds, regions, region_mask = check_preds_and_raters(preds, regions, region_mask, "regions")
     if not 0.0 <= float(min_coverage) < 1.0:
         raise ValueError(f"min_coverage must lie in [0, 1), got {min_coverage}.")
     flat_preds = preds.flatten(2).to(torch.float64)  # B x N x P

@@ -1,5 +1,6 @@
-"""Experiment tracking and comparison: provenance logged with every run, the MLflow store fallback,
-and the comparison report (``ambiseg compare``). See docs/comparison.md and :mod:`.naming`.
+"""Experiment tracking and comparison: provenance and parameters logged with every run (the MLflow side of
+:class:`ambiseg_monai.handlers.ProvenanceHandler`), the MLflow store fallback, and the comparison report
+(``ambiseg compare``). See docs/comparison.md and :mod:`.naming`.
 
 Importing runs from one store into another: :mod:`ambiseg_monai.reporting.sync`
 (``python -m ambiseg_monai.reporting.sync``)."""
@@ -14,8 +15,11 @@ from ambiseg_monai.reporting.naming import (
 )
 from ambiseg_monai.reporting.provenance import (
     code_version,
+    config_files_from_argv,
     datalist_sha256,
+    executed_config_from_argv,
     flatten_config,
+    hyperparameters,
     load_config,
     log_evaluation_results,
     log_executed_config,
@@ -37,8 +41,11 @@ __all__ = [
     "parse_evaluation_metric_key",
     "per_image_csv_name",
     "code_version",
+    "config_files_from_argv",
     "datalist_sha256",
+    "executed_config_from_argv",
     "flatten_config",
+    "hyperparameters",
     "load_config",
     "log_evaluation_results",
     "log_executed_config",

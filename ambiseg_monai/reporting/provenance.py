@@ -2,17 +2,22 @@
 config and the per-image evaluation tables, logged to an MLflow run.
 
 Everything here takes an ``mlflow.MlflowClient`` and a run id, so it works with MONAI's
-``MLFlowHandler`` (which owns a client and a run) as well as with ``mlflow.start_run``.
+``MLFlowHandler`` (which owns a client and a run) as well as with ``mlflow.start_run``. In a bundle,
+:class:`ambiseg_monai.handlers.ProvenanceHandler` calls :func:`log_provenance` when the engine starts; the
+executed config is the one of the bundle parser that builds it (:func:`config_being_parsed`) or of the
+``python -m monai.bundle run`` command line (:func:`executed_config_from_argv`) unless given.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -28,7 +33,11 @@ from ambiseg_monai.reporting import naming
 __all__ = [
     "CONFIG_PARAM_PREFIX",
     "flatten_config",
+    "hyperparameters",
     "load_config",
+    "config_files_from_argv",
+    "executed_config_from_argv",
+    "config_being_parsed",
     "datalist_sha256",
     "code_version",
     "git_describe",
@@ -53,12 +62,18 @@ def _param_key(parts: Sequence[str]) -> str:
     return key[:_MAX_PARAM_KEY]
 
 
-def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+def _param_value(value: Any, json_scalars: bool = True) -> str:
+    """The param string of a value: ``true``/``false``/``null`` JSON-spelled for the flattened config (as
+    written), ``str(value)`` otherwise (as MONAI's ``MLFlowHandler`` logs its ``experiment_param``)."""
+    text = json.dumps(value) if json_scalars and isinstance(value, (bool, type(None))) else str(value)
     if len(text) > _MAX_PARAM_VALUE:
         suffix = "...[truncated]"
         text = text[: _MAX_PARAM_VALUE - len(suffix)] + suffix
     return text
+
+
+def _resolved_params(values: Mapping[str, Any]) -> dict[str, str]:
+    return {_param_key([key]): _param_value(value, json_scalars=False) for key, value in values.items()}
 
 
 def flatten_config(
@@ -109,6 +124,115 @@ def load_config(config: Mapping[str, Any] | str | os.PathLike | Sequence[str | o
     if missing or not files:
         raise FileNotFoundError(f"config file(s) not found: {missing or 'none given'}.")
     return dict(ConfigParser.load_config_files([str(f) for f in files]))
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def config_files_from_argv(argv: Sequence[str] | None = None) -> tuple[list[str], dict]:
+    """The config files and ``--key value`` overrides of a ``python -m monai.bundle run`` command line.
+
+    ``--config_file`` may be one path or a Python/JSON list of paths (an overlay after the base config).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    files: list[str] = []
+    overrides: dict = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            key, has_value, value = token[2:].partition("=")
+            if not has_value:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if key == "config_file":
+                parsed = _parse_value(value)
+                files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [value])]
+            elif key not in ("meta_file", "logging_file", "args_file", "tracking"):
+                overrides[key] = _parse_value(value)
+        i += 1
+    return files, overrides
+
+
+def executed_config_from_argv(argv: Sequence[str] | None = None) -> dict | None:
+    """The config a ``python -m monai.bundle run`` command line executes: its ``--config_file`` files merged
+    in order, then its ``--key value`` overrides (``a#b`` / ``a::b`` ids set nested keys); None without files."""
+    from monai.bundle import ConfigParser
+
+    files, overrides = config_files_from_argv(argv)
+    files = [f for f in files if Path(f).is_file()]
+    if not files:
+        return None
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser.update(overrides)  # as ``monai.bundle run`` applies its overrides
+    return parser.get()
+
+
+def config_being_parsed() -> dict | None:
+    """The config of the ``monai.bundle`` ``ConfigParser`` that is instantiating the caller, as JSON data; None
+    when the caller is not being built from a bundle config.
+
+    A component built from a bundle config (``"_target_": ...``) is created inside
+    ``ConfigParser.get_parsed_content``; the parser is found on the call stack. Its content is the config as it
+    runs: the config files merged, macros expanded, and the overrides applied, however the bundle was started
+    (``python -m monai.bundle run``, ``monai.bundle.run(...)``, an ``args_file``).
+    """
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigParser):
+            return json.loads(json.dumps(owner.get(), default=str))
+        frame = frame.f_back
+    return None
+
+
+_REFERENCE = "@"
+_NOT_LITERAL = ("$", "%")  # expressions and macros: their value is known only to the running bundle
+
+
+def _literal(value: Any, config: Mapping[str, Any], seen: tuple[str, ...] = ()) -> tuple[bool, Any]:
+    """``(True, value)`` for a JSON scalar or a list of scalars, following ``@key`` references to other
+    top-level keys; ``(False, None)`` for anything whose value needs the bundle to run."""
+    if isinstance(value, str):
+        if value.startswith(_NOT_LITERAL):
+            return False, None
+        if value.startswith(_REFERENCE):
+            key = value[1:]
+            if key in seen or key not in config or "#" in key or "::" in key:
+                return False, None
+            return _literal(config[key], config, (*seen, key))
+        return True, value
+    if value is None or isinstance(value, (bool, int, float)):
+        return True, value
+    if isinstance(value, (list, tuple)):
+        items = [_literal(item, config, seen) for item in value]
+        if all(ok and not isinstance(item, (list, tuple)) for ok, item in items):
+            return True, [item for _, item in items]
+    return False, None
+
+
+def hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's hyperparameters: every top-level key of a bundle config whose value is known without running
+    the bundle (a number, string, bool, null or list of those, or a ``@`` reference to such a key), by value.
+
+    Keys whose value is a ``$`` expression (e.g. the dataset's rater count) or a component (a dict) are left
+    out: pass their resolved values as ``params`` to :func:`log_provenance` /
+    :class:`~ambiseg_monai.handlers.ProvenanceHandler` when a reader needs them.
+    """
+    found = {}
+    for key, value in config.items():
+        if str(key).startswith("_") or key == "imports":
+            continue
+        ok, resolved = _literal(value, config, (str(key),))
+        if ok:
+            found[str(key)] = resolved
+    return found
 
 
 def datalist_sha256(dataset: str | os.PathLike) -> str:
@@ -213,12 +337,22 @@ def log_provenance(
     run_kind: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     log_config_file: bool = True,
+    params: Mapping[str, Any] | None = None,
+    log_hyperparameters: bool = True,
 ) -> dict[str, str]:
     """Log hyperparameters, dataset identity, code version and the executed config to a run.
 
-    The config is logged as written (``@`` references and ``$`` expressions unresolved) under the
-    ``config.`` prefix, so it never collides with the resolved values ``MLFlowHandler`` logs as
-    ``experiment_param`` (MLflow params are immutable: a second, different value would be an error).
+    Params, all from one place:
+
+    - the config as written (``@`` references and ``$`` expressions unresolved), flattened under the
+      ``config.`` prefix (``config.optimizer.lr``);
+    - the resolved hyperparameters, unprefixed (``learning_rate``, ``max_epochs``): the config's top-level
+      values known without running it (:func:`hyperparameters`) and the given ``params`` (resolved values the
+      bundle computes, e.g. ``{"num_raters": "@num_raters"}`` in a config), written as MONAI's
+      ``MLFlowHandler`` writes its ``experiment_param`` (``str(value)``).
+
+    A param the run already has is not logged again (MLflow params are immutable: a second, different value
+    would be an error), so a value logged first, e.g. by ``MLFlowHandler``, stays.
 
     Args:
         client: MLflow client of the run's tracking store.
@@ -229,20 +363,25 @@ def log_provenance(
         run_kind: one of :data:`naming.RUN_KINDS` (tag ``ambiseg.run_kind``).
         extra_tags: further tags.
         log_config_file: also log the config as ``config/executed_config.json``.
+        params: further resolved values to log as unprefixed params.
+        log_hyperparameters: log the config's top-level literal values as unprefixed params.
 
     Returns:
         the tags that were set.
     """
     tags = provenance_tags(dataset_dir, bundle, run_kind)
     tags.update({str(k): str(v) for k, v in (extra_tags or {}).items()})
-    params: dict[str, str] = {}
+    logged: dict[str, str] = {}
     if config is not None:
         config = load_config(config)
-        existing = client.get_run(run_id).data.params
-        params = {k: v for k, v in flatten_config(config, CONFIG_PARAM_PREFIX).items() if k not in existing}
+        logged.update(flatten_config(config, CONFIG_PARAM_PREFIX))
+        if log_hyperparameters:
+            logged.update(_resolved_params(hyperparameters(config)))
+    logged.update(_resolved_params(params or {}))
+    existing = client.get_run(run_id).data.params if logged else {}
     client.log_batch(
         run_id,
-        params=[mlflow.entities.Param(k, v) for k, v in params.items()],
+        params=[mlflow.entities.Param(k, v) for k, v in logged.items() if k not in existing],
         tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()],
     )
     if config is not None and log_config_file:
