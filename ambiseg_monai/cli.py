@@ -27,6 +27,7 @@ PREPARE_COMMANDS: dict[str, tuple[str, str]] = {
 TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("ambiseg_monai.reporting.compare", "compare methods across MLflow runs: table, plots, comparison run"),
     "export": ("ambiseg_monai.deploy.export", "export a trained bundle as TorchScript with its configs and metadata"),
+    "merge-configs": ("ambiseg_monai.bundle_config", "write a bundle with the shared base configs merged in (standalone)"),
     "sync": ("ambiseg_monai.reporting.sync", "copy runs logged offline (e.g. during a server outage) into a tracking server"),
 }
 

@@ -48,6 +48,7 @@ from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
 from scipy.ndimage import binary_dilation, binary_erosion
 
+from ambiseg_monai.bundle_config import resolve_macros
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import ensure_demo_dataset
 from ambiseg_monai.data.transforms import LoadTruthd
@@ -118,6 +119,7 @@ def training_config(
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / method / "configs" / "train.json"), *overlays])
     parser.update({"dataset_dir": dataset_dir, "demo_dir": None, **overrides})  # main() ensured the dataset
+    resolve_macros(parser, BUNDLES.parent)  # the pieces from bundles/common, to edit them by path below
     batches_per_epoch = math.ceil(len(load_split(dataset_dir, "training")) / parser.get_parsed_content("batch_size"))
     parser["max_epochs"] = math.ceil(iterations / batches_per_epoch)
     parser["device"] = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
@@ -154,8 +156,11 @@ def inference_evaluator(
     parser.read_config([str(configs / "train.json"), *overlays, str(configs / "inference.json")])
     parser.update({"dataset_dir": dataset_dir, "demo_dir": None, **overrides})  # main() ensured the dataset
     parser["device"] = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
+    resolve_macros(parser, BUNDLES.parent)  # the pieces from bundles/common, to read them by path below
     loader = next(h for h in parser["infer#handlers"] if "CheckpointLoader" in str(h.get("_target_", "")))
-    weights_key = next(iter(loader["load_dict"]))
+    load_dict = loader["load_dict"]
+    load_dict = parser[load_dict[1:]] if isinstance(load_dict, str) else load_dict  # "@ckpt_load_dict"
+    weights_key = next(iter(load_dict))
     if "progress" in parser["infer#inferer"]:
         parser["infer#inferer#progress"] = False
     if method == "consensus_diffusion":

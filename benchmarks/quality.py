@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from ambiseg_monai.bundle_config import resolve_macros
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import ensure_demo_dataset
 from ambiseg_monai.data.nifti import load_channel_first_nifti
@@ -101,6 +102,7 @@ def score(samples: torch.Tensor, item: dict) -> dict[str, float]:
 def _configure(method: str, dataset_dir: str, output_dir: str, epochs: int, samples: int, steps: int) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
+    resolve_macros(parser, BUNDLES.parent)  # the pieces from bundles/common, to edit them by path below
     parser["dataset_dir"] = dataset_dir
     parser["demo_dir"] = None  # main() ensured the dataset
     parser["output_dir"] = output_dir
@@ -168,6 +170,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def use_sampler(parser: ConfigParser, sampler: str) -> None:
     """Point the CIMD bundle's ``sampling_scheduler`` at the respaced DDPM or DDIM scheduler (same schedule)."""
+    resolve_macros(parser, BUNDLES.parent)  # "sampling_scheduler": "%noise_scheduler" -> its copy
     config = dict(parser["sampling_scheduler"])
     config.pop("variance_type", None)
     if sampler == "ddim":

@@ -26,6 +26,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from ambiseg_monai.bundle_config import resolve_macros
 from ambiseg_monai.data.demo import ensure_demo_dataset
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -53,6 +54,7 @@ def _parser(method: str, dataset_dir: str, output_dir: str, epochs: int, amp: bo
     parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
     parser.update({"dataset_dir": dataset_dir, "demo_dir": dataset_dir, "output_dir": output_dir,
                    "max_epochs": epochs, "amp": amp})  # fmt: skip
+    resolve_macros(parser, BUNDLES.parent)  # the pieces from bundles/common, to edit them by path below
     parser["train#trainer#train_handlers"] = []
     return parser
 

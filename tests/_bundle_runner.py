@@ -10,9 +10,22 @@ import mlflow
 from monai.bundle import ConfigWorkflow
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def link_bundles(folder: Path) -> None:
+    """Make ``folder`` a place the bundles run from: they pull in ``bundles/common/configs`` with
+    ``%bundles/common/...`` macros, which MONAI resolves relative to the working directory, so a test
+    running a bundle from another folder links the repository's ``bundles/`` there."""
+    link = Path(folder) / "bundles"
+    if not link.exists():
+        link.symlink_to(REPO / "bundles", target_is_directory=True)
+
+
 def run_bundle(configs: Path, config_files: list[str], run_id: str, overrides: dict, cwd: Path) -> ConfigWorkflow:
     """``python -m monai.bundle run <run_id>`` in-process, from ``cwd`` (where runs/ and mlruns.db go)."""
     previous = os.getcwd()
+    link_bundles(cwd)
     os.chdir(cwd)
     try:
         return run_bundle_here(configs, config_files, run_id, overrides)
@@ -22,6 +35,7 @@ def run_bundle(configs: Path, config_files: list[str], run_id: str, overrides: d
 
 def run_bundle_here(configs: Path, config_files: list[str], run_id: str, overrides: dict) -> ConfigWorkflow:
     """Initialise, run and finalise one workflow of the bundle whose config folder is ``configs``."""
+    link_bundles(Path.cwd())
     workflow = ConfigWorkflow(
         config_file=config_files,
         meta_file=str(configs / "metadata.json"),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bundle_runner import link_bundles
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
@@ -56,6 +57,7 @@ def test_two_process_gloo_training_completes(bundle, small_demo_dataset, tmp_pat
             value, str) else value)],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    link_bundles(tmp_path)  # the bundles read bundles/common relative to the working directory
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

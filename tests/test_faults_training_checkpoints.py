@@ -12,7 +12,6 @@ weights bit for bit.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 import shutil
@@ -24,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
+from ambiseg_monai.bundle_config import merged_config
 from ambiseg_monai.handlers import AtomicCheckpointSaver, RequiredCheckpointLoader, ResumableCheckpointer, atomic_save
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -142,7 +142,7 @@ def test_evaluation_of_a_damaged_best_model_says_so(tmp_path, keep):
 
 @pytest.mark.parametrize("bundle", ["cimd", "consensus_diffusion", "ambdiffseg", "prob_unet", "phiseg"])
 def test_every_bundle_writes_its_best_model_atomically(bundle):
-    config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+    config = merged_config([BUNDLES / bundle / "configs" / "train.json"], root=BUNDLES.parent)  # with bundles/common
     savers = [h for h in config["validate"]["handlers"] if isinstance(h, dict) and h.get("save_key_metric")]
     assert [h["_target_"] for h in savers] == ["ambiseg_monai.handlers.AtomicCheckpointSaver"]
     assert config["train"]["handlers"][0]["_target_"] == "ambiseg_monai.handlers.ResumableCheckpointer"

@@ -25,6 +25,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from _bundle_runner import link_bundles
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -279,6 +280,7 @@ def test_ddpm_det_seg_with_a_huge_learning_rate_exits_non_zero_and_saves_no_nan_
     for key, value in overrides.items():
         command += [f"--{key}", str(value).replace(" ", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    link_bundles(tmp_path)  # the bundles read bundles/common relative to the working directory
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "NonFiniteTrainingError: non-finite training step at epoch 1, iteration 2: the loss is inf" in done.stderr
@@ -358,6 +360,7 @@ def _alarm(seconds: int, what: str):
 
 def test_a_server_killed_mid_run_loses_nothing_and_syncs_back(server, tmp_path, small_demo_dataset, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    link_bundles(tmp_path)  # the bundles read bundles/common relative to the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     offline_uri = f"sqlite:///{tmp_path / 'offline.db'}"
     monkeypatch.setenv(tracking.OFFLINE_URI_ENV, offline_uri)

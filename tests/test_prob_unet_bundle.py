@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _bundle_runner import mlflow_runs, run_bundle, run_bundle_here
+from _bundle_runner import link_bundles, mlflow_runs, run_bundle, run_bundle_here
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from ambiseg_monai.data.nifti import load_channel_first_nifti
@@ -163,9 +163,10 @@ def test_variant_overlay_swaps_the_latent_family_and_trains_one_step(
     small_demo_dataset, tmp_path, monkeypatch, variant, family
 ):
     monkeypatch.chdir(tmp_path)  # the bundle writes runs/ and mlruns.db relative to the working directory
+    link_bundles(tmp_path)  # and reads bundles/common relative to it
     parser = ConfigParser()
     parser.read_config([TRAIN, str(CONFIGS / f"{variant}.json")])
-    parser.update(_overrides(small_demo_dataset, tmp_path, **{"train#trainer#epoch_length": 1, "val_interval": 100}))
+    parser.update(_overrides(small_demo_dataset, tmp_path, **{"iterations_per_epoch": 1, "val_interval": 100}))
     network = parser.get_parsed_content("network")
     assert type(network.latent_distribution) is family
     assert network.latent_distribution.latent_dim == 6
