@@ -66,7 +66,6 @@ DROPPED_HANDLERS = (
     "MLFlowHandler",
     "mlflow_handler",
     "ProvenanceHandler",
-    "MLflowConfigLogger",
     "CheckpointSaver",
 )
 

@@ -23,7 +23,8 @@ from ambiseg_monai.diffusion.parameterization import (
 from ambiseg_monai.diffusion.protocols import sample_training_times
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion
 from ambiseg_monai.diffusion.weighting import LossWeighting, loss_weight
-from ambiseg_monai.engines.continuous_training import ContinuousDiffusionTrainingInferer, WarmupConstantCosine
+from ambiseg_monai.engines import DiffusionTrainingInferer
+from ambiseg_monai.engines.continuous_training import WarmupConstantCosine
 from ambiseg_monai.metrics import RelativeAreaFilterd, relative_area_filter
 
 TIMES = torch.tensor([0.1, 0.25, 0.5, 0.8, 0.95], dtype=torch.float64)
@@ -293,7 +294,7 @@ class _TinyDenoiser(torch.nn.Module):
 def test_training_inferer_returns_weighted_x_space_loss():
     torch.manual_seed(0)
     scheduler = ContinuousDDIMScheduler(prediction_type="x", tanh_x_output=True)
-    inferer = ContinuousDiffusionTrainingInferer(scheduler, LossWeighting("truncated_snr"))
+    inferer = DiffusionTrainingInferer(scheduler, weighting=LossWeighting("truncated_snr"), stratified_times=True)
     network = _TinyDenoiser()
     image, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
     out = inferer(image, network, target=target)
@@ -307,8 +308,8 @@ def test_training_inferer_returns_weighted_x_space_loss():
     assert network.conv.weight.grad is not None and float(network.conv.weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="needs `target`"):
         inferer(image, network)
-    with pytest.raises(TypeError, match="continuous-time scheduler"):
-        ContinuousDiffusionTrainingInferer(object())
+    with pytest.raises(TypeError, match="TrainingScheduler protocol"):
+        DiffusionTrainingInferer(object(), weighting=LossWeighting("truncated_snr"))
 
 
 def test_stratified_training_times_cover_every_stratum():

@@ -9,9 +9,11 @@ Changes that are meant are listed here, each with its reason:
 
 - ``TARGET_RENAMES``: a class moved or renamed in the library (old ``_target_`` -> new ``_target_``);
   applied to the snapshot before comparing. Add an entry when you rename a ``_target_`` the bundles use.
-- ``INTENDED_CHANGES``: values a combination now has on purpose, by config file and id (``a#b`` ids
-  allowed), applied to the snapshot's merged config before comparing. For a change too large to list,
-  take the snapshot again from the commit that makes it (``tests/_bundle_snapshot.py``) and say so.
+- ``INTENDED_CHANGES``: values a combination now has on purpose, by config file (``"train.json"``: every
+  bundle's; ``"cimd/train.json"``: one bundle's) and id (``a#b#0`` ids allowed; ``REMOVED`` deletes the
+  id), applied to the snapshot's merged config before comparing: first those of every bundle, then the
+  bundle's own, file by file in the combination's order. For a change too large to list, take the
+  snapshot again from the commit that makes it (``tests/_bundle_snapshot.py``) and say so.
 """
 
 from __future__ import annotations
@@ -41,10 +43,37 @@ COMMON = BUNDLES / "common" / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bundle_snapshot import combo_key, load_snapshot  # noqa: E402
 
-#: old ``_target_`` -> new ``_target_`` (a class moved or renamed in the library). Empty: nothing renamed yet.
-TARGET_RENAMES: dict[str, str] = {}
+#: old ``_target_`` -> new ``_target_`` (a class moved or renamed in the library)
+TARGET_RENAMES: dict[str, str] = {
+    # the deprecated module path of the one ProvenanceHandler (ambiseg_monai/handlers/provenance.py) is gone
+    "ambiseg_monai.handlers.provenance.ProvenanceHandler": "ambiseg_monai.handlers.ProvenanceHandler",
+    # the continuous-time alias of the one training inferer is gone (its stratified_times default: below)
+    "ambiseg_monai.engines.continuous_training.ContinuousDiffusionTrainingInferer": (
+        "ambiseg_monai.engines.DiffusionTrainingInferer"
+    ),
+}
 
-#: file of a combination -> {config id: the value it now has on purpose}
+#: an ``INTENDED_CHANGES`` value: the id is gone on purpose
+REMOVED = object()
+
+#: the snapshot's ``train#handlers``: ProvenanceHandler at 7, the deprecated MLflowConfigLogger at 8
+_PROVENANCE, _CONFIG_LOGGER = "train#handlers#7", "train#handlers#8"
+#: a handler that publishes the extra metrics of post-processed samples under ``<metric>_pp``
+_PP_METRICS = {
+    "_target_": "ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler",
+    "pred_key": "pred_pp",
+    "suffix": "_pp",
+}
+#: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
+_SOFT_DICE_5 = {
+    "_target_": "ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler",
+    "metrics": ["soft_dice"],
+    "thresholds": "$ambiseg_monai.metrics.CONSENSUS_PAPER_THRESHOLDS",
+    "suffix": "_5",
+}
+
+#: file of a combination (``"train.json"``, or ``"<bundle>/train.json"`` for one bundle) ->
+#: {config id: the value it now has on purpose, or ``REMOVED``}
 INTENDED_CHANGES: dict[str, dict[str, object]] = {
     # The shared multi-GPU overlay keeps the ranks other than 0 from probing the tracking server (which
     # only consensus_diffusion's copy did): they log nothing, so they take the configured URI as is.
@@ -52,6 +81,112 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "resolved_tracking_uri": (
             "$@tracking_uri if @is_not_rank0 else ambiseg_monai.reporting.resolve_tracking_uri(@tracking_uri)"
         ),
+    },
+    # One path for a run's parameters: ProvenanceHandler logs the config's literal hyperparameters itself and
+    # the computed values of `provenance_params`, so MLFlowHandler's `experiment_param` list is gone.
+    "train.json": {
+        "train#mlflow_handler#experiment_param": REMOVED,
+        f"{_PROVENANCE}#params": "@provenance_params",
+        # ProvenanceHandler logs the config artifacts itself (log_config_file defaults to true) ...
+        f"{_PROVENANCE}#log_config_file": REMOVED,
+        # ... so the deprecated MLflowConfigLogger that logged them alone is gone
+        _CONFIG_LOGGER: REMOVED,
+        # one way of logging loss terms: a LossTerms instance shared by StatsHandler and MLFlowHandler
+        # (diffusion methods: the trainer output's l_* terms, as loss_terms_from_output did)
+        "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms"},
+        "train#handlers#5#output_transform": "@train#loss_terms",
+        "train#mlflow_handler#output_transform": "@train#loss_terms",
+    },
+    "evaluate.json": {
+        "evaluate#mlflow_handler#experiment_param": REMOVED,
+        "evaluate#provenance_handler#params": "@eval_provenance_params",
+    },
+    # provenance_params: the computed values of the former experiment_param (its literals are logged anyway)
+    "cimd/train.json": {"provenance_params": {"method": "cimd", "num_raters": "@num_raters"}},
+    "ambdiffseg/train.json": {
+        "provenance_params": {
+            "method": "ambdiffseg",
+            "num_raters": "@num_raters",
+            "sampler": "$@sampling_scheduler.__class__.__name__",
+            "lr_warmup_steps": "@lr_warmup_steps",
+            "lr_decay_steps": "@lr_decay_steps",
+            "total_steps": "@total_steps",
+        },
+        # the one training inferer with the alias's default written out: the same stratified time draws
+        "train#inferer#stratified_times": True,
+        # HybridDiffusionLoss with vlb_weight 0 (no l_vlb term: no learned variance) is l_simple alone
+        "train#loss": {"_target_": "ambiseg_monai.diffusion.losses.DiffusionLoss"},
+        # one metrics handler publishes ged_pp, ci_pp, cross_pair_dice_pp (were three single-metric aliases)
+        "validate#additional_metrics": {
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "cross_pair_dice"], "save_details": False}
+        },
+    },
+    "consensus_diffusion/train.json": {
+        "provenance_params": {
+            "method": "consensus_diffusion",
+            "num_raters": "@num_raters",
+            "num_levels": "@num_levels",
+        },
+        # the metrics handler reads the output's pred_soft itself (was the SoftDice alias)
+        "validate#additional_metrics": {"soft_dice_5": {**_SOFT_DICE_5, "save_details": False}},
+    },
+    "prob_unet/train.json": {
+        "provenance_params": {
+            "method": "prob_unet",
+            "latent_distribution": "@network_def#latent_distribution#_target_",
+            "num_raters": "@num_raters",
+        },
+        # LossTerms reads the loss's last_terms (was a lambda doing the same)
+        "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
+    },
+    "phiseg/train.json": {
+        "provenance_params": {"method": "phiseg", "num_raters": "@num_raters"},
+        "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
+    },
+    # eval_provenance_params: the former eval_experiment_param without dataset_dir and seed (literals, logged anyway)
+    "cimd/evaluate.json": {
+        "eval_provenance_params": {
+            "mode": "evaluate",
+            "ckpt_path": "@ckpt_path",
+            "split": "@eval_split",
+            "inference_steps": "@eval_inference_steps",
+        },
+    },
+    "ambdiffseg/evaluate.json": {
+        "eval_provenance_params": {
+            "mode": "evaluate",
+            "ckpt_path": "@ckpt_path",
+            "split": "@eval_split",
+            "sampler": "$@sampling_scheduler.__class__.__name__",
+            "inference_steps": "@eval_inference_steps",
+            "relative_area_r": "@relative_area_r",
+        },
+        # one metrics handler publishes ged_pp, ci_pp, max_dice_matching_pp, cross_pair_dice_pp (were four aliases)
+        "evaluate#n4#evaluator#additional_metrics": {
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+        },
+        "evaluate#n16#evaluator#additional_metrics": {
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+        },
+    },
+    "consensus_diffusion/evaluate.json": {
+        "eval_provenance_params": {
+            "mode": "evaluate",
+            "variant": "@variant",
+            "ckpt_path": "@ckpt_path",
+            "split": "@eval_split",
+            "generations": "@eval_generations",
+            "inference_steps": "@eval_inference_steps",
+            "majority_vote": "@majority_vote",
+            "sample_values": "@sample_values",
+        },
+        "evaluate#additional_metrics": {"soft_dice_5": _SOFT_DICE_5},
+    },
+    "prob_unet/evaluate.json": {
+        "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
+    },
+    "phiseg/evaluate.json": {
+        "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
     },
 }
 
@@ -68,15 +203,20 @@ def _files(bundle: str, key: str) -> list[str]:
 
 def _expected(bundle: str, key: str) -> dict:
     """The snapshot's merged config of a combination, with the ``INTENDED_CHANGES`` of its files applied
-    (``a#b#0`` ids set nested values, as in a config overlay)."""
+    (``a#b#0`` ids set nested values, as in a config overlay; ``REMOVED`` deletes them)."""
     config = json.loads(json.dumps(SNAPSHOT["bundles"][bundle][key]))
     for name in key.split("+"):
-        for config_id, value in INTENDED_CHANGES.get(f"{name}.json", {}).items():
-            *parents, last = config_id.split("#")
-            target = config
-            for part in parents:
-                target = target[int(part)] if isinstance(target, list) else target[part]
-            target[int(last) if isinstance(target, list) else last] = value
+        for scope in (f"{name}.json", f"{bundle}/{name}.json"):
+            for config_id, value in INTENDED_CHANGES.get(scope, {}).items():
+                *parents, last = config_id.split("#")
+                target = config
+                for part in parents:
+                    target = target[int(part)] if isinstance(target, list) else target[part]
+                index = int(last) if isinstance(target, list) else last
+                if value is REMOVED:
+                    del target[index]
+                else:
+                    target[index] = json.loads(json.dumps(value))
     return config
 
 

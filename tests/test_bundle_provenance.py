@@ -92,8 +92,13 @@ def test_cimd_training_run_has_provenance_and_executed_config(cimd_store, small_
     assert run.data.params["config.resolved_tracking_uri"] == (
         "$ambiseg_monai.reporting.resolve_tracking_uri(@tracking_uri)"
     )
+    # the hyperparameters, unprefixed: the config's literals and the computed provenance_params
+    params = run.data.params
+    assert params["learning_rate"] == "0.0005" and params["batch_size"] == str(CIMD_TINY["batch_size"])
+    assert params["seed"] == "0" and params["dataset_dir"] == str(small_demo_dataset)
+    assert params["method"] == "cimd" and params["num_raters"] == "4"  # the padded rater count
     client = mlflow.MlflowClient(cimd_store)
-    # MLflowConfigLogger writes the executed config; ProvenanceHandler (log_config_file=false) adds no second copy
+    # one executed config, written by the one ProvenanceHandler
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config") if not a.is_dir] == [EXECUTED_CONFIG]
     config = executed_config(cimd_store, run.info.run_id, tmp_path)
     assert config["bundle_name"] == "cimd" and config["max_epochs"] == 1 and config["tracking_uri"] == cimd_store
@@ -105,6 +110,11 @@ def test_cimd_evaluation_run_has_provenance_and_executed_config(cimd_store, smal
     run = only_run(cimd_store, "cimd", "evaluation")
     assert_provenance_tags(run, "cimd", "evaluation", small_demo_dataset)
     assert run.data.params["config.eval_split"] == "test" and run.data.params["config.eval_inference_steps"] == "2"
+    # eval_provenance_params next to the config's literals (dataset_dir, seed)
+    params = run.data.params
+    assert params["mode"] == "evaluate" and params["split"] == "test" and params["inference_steps"] == "2"
+    assert params["ckpt_path"].endswith("models/model.pt") and params["seed"] == "0"
+    assert params["dataset_dir"] == str(small_demo_dataset)
     config = executed_config(cimd_store, run.info.run_id, tmp_path)
     # train.json and evaluate.json merged in order, plus the overrides
     assert config["eval_split"] == "test" and config["eval_inference_steps"] == 2 and config["bundle_name"] == "cimd"

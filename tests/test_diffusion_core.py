@@ -22,7 +22,7 @@ from ambiseg_monai.diffusion import (
     TrainingScheduler,
 )
 from ambiseg_monai.diffusion.protocols import missing_members
-from ambiseg_monai.engines import ContinuousDiffusionTrainingInferer, DiffusionSamplingInferer, DiffusionTrainingInferer
+from ambiseg_monai.engines import DiffusionSamplingInferer, DiffusionTrainingInferer
 from ambiseg_monai.networks.denoisers import ConditionalDenoiser
 
 
@@ -96,28 +96,25 @@ def test_parameterization_predict_x0_is_predict_first_output():
 # ------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("scheduler_class", [ContinuousDDIMScheduler, ContinuousDDPMScheduler])
 @pytest.mark.parametrize("posterior", [False, True])
-def test_continuous_alias_is_the_training_inferer_with_weighting_and_stratified_times(scheduler_class, posterior):
+def test_continuous_time_training_with_weighting_and_stratified_times(scheduler_class, posterior):
+    """AmbDiffSeg's training step (``weighting``, ``stratified_times: true``): one time per stratum of the
+    batch, and no ``l_vlb`` (no learned variance), so its loss ``DiffusionLoss()`` is ``l_simple`` alone, as
+    ``HybridDiffusionLoss(vlb_weight=0.0)`` was."""
     scheduler = scheduler_class(prediction_type="v")
     image, target = _batch()
     kwargs = {"target": target}
     if posterior:
         kwargs.update(raters=torch.cat([target, 1 - target], 1), rater_mask=torch.ones(4, 2, dtype=torch.bool))
-    network = _Linear()
-    runs = []
-    for inferer in (
-        ContinuousDiffusionTrainingInferer(scheduler, LossWeighting("sigmoid"), rater_posterior_targets=posterior),
-        DiffusionTrainingInferer(
-            scheduler, weighting=LossWeighting("sigmoid"), stratified_times=True, rater_posterior_targets=posterior
-        ),
-    ):
-        torch.manual_seed(3)
-        runs.append(inferer(image, network, **kwargs))
-    assert set(runs[0]) == set(runs[1]) == {"l_simple", "loss_weights", "pred_x0", "model_output", "x_t", "noise", "timesteps"}
-    for key in runs[0]:
-        assert torch.equal(runs[0][key], runs[1][key]), key
-    # the loss module for a model without learned variance: l_simple alone
-    assert torch.equal(DiffusionLoss()(runs[0]), runs[0]["l_simple"])
-    assert torch.equal(HybridDiffusionLoss(vlb_weight=0.0)(runs[0]), runs[0]["l_simple"])
+    inferer = DiffusionTrainingInferer(
+        scheduler, weighting=LossWeighting("sigmoid"), stratified_times=True, rater_posterior_targets=posterior
+    )
+    torch.manual_seed(3)
+    terms = inferer(image, _Linear(), **kwargs)
+    assert set(terms) == {"l_simple", "loss_weights", "pred_x0", "model_output", "x_t", "noise", "timesteps"}
+    strata = (terms["timesteps"] * len(terms["timesteps"])).floor().long()
+    assert sorted(strata.tolist()) == list(range(len(strata)))
+    assert torch.equal(DiffusionLoss()(terms), terms["l_simple"])
+    assert torch.equal(HybridDiffusionLoss(vlb_weight=0.0)(terms), terms["l_simple"])
 
 
 @pytest.mark.parametrize("prediction_type", ["x", "v", "eps"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ambiseg_monai.engines import inference_items, prepare_dataset
-from ambiseg_monai.handlers import LossTerms, latest_checkpoint, loss_terms_from_output, render_sample_grid
+from ambiseg_monai.handlers import LossTerms, latest_checkpoint, render_sample_grid
 from ambiseg_monai.reporting.provenance import config_files_from_argv
 
 
@@ -18,12 +18,14 @@ def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=10.pt"
 
 
-def test_loss_terms_from_output():
+def test_loss_terms_of_the_trainer_output():
+    """Diffusion methods: the ``l_*`` terms of the training inferer's output."""
+    terms = LossTerms()
     output = {"loss": torch.tensor(1.5, requires_grad=True), "pred": {"l_simple": torch.tensor([1.0, 3.0]), "x_t": 0}}
-    assert loss_terms_from_output(output) == {"loss": 1.5, "l_simple": 2.0}
-    assert loss_terms_from_output([output]) == {"loss": 1.5, "l_simple": 2.0}
+    assert terms(output) == {"loss": 1.5, "l_simple": 2.0}
+    assert terms([output]) == {"loss": 1.5, "l_simple": 2.0}
     with pytest.raises(ValueError, match="'loss'"):
-        loss_terms_from_output({"pred": {}})
+        terms({"pred": {}})
 
 
 def test_loss_terms_of_a_loss_that_records_them():

@@ -15,7 +15,7 @@ from ambiseg_monai.data.transforms import LoadImage2Dd, PadRatersd, SelectRandom
 from ambiseg_monai.diffusion.losses import HybridDiffusionLoss
 from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
 from ambiseg_monai.engines import DiffusionTrainingInferer, DiffusionTrainingPrepareBatch, SamplingPrepareBatch
-from ambiseg_monai.handlers import GradientClipping, loss_terms_from_output
+from ambiseg_monai.handlers import GradientClipping, LossTerms
 from ambiseg_monai.networks import AxisAlignedGaussianEncoder, CIMDNetwork, ConcatConditionedDenoiser
 
 
@@ -59,7 +59,8 @@ def _trainer(dataset_dir: str, epochs: int, handlers=()) -> SupervisedTrainer:
 def test_loss_of_a_short_run_on_demo_data_decreases(small_demo_dataset):
     trainer = _trainer(small_demo_dataset, epochs=12, handlers=[GradientClipping(max_norm=5.0)])
     losses: list[dict] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(loss_terms_from_output(e.state.output)))
+    loss_terms = LossTerms()
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(loss_terms(e.state.output)))
     trainer.run()
     assert len(losses) == 12 and set(losses[0]) == {"loss", "l_simple", "l_vlb", "l_amb"}
     first = sum(x["l_simple"] for x in losses[:3]) / 3

@@ -1,33 +1,30 @@
 """Ignite handlers: engine.state.metrics / metric_details against hand-computed values, the rater mask taken
 from engine.state.batch, decollated outputs of a MONAI SupervisedEvaluator, soft-map selection, published
-names with prefix / suffix, the deprecated single-metric aliases, MetricsSaver and PerImageMetricsWriter."""
+names with prefix / suffix (the bundles' ``*_pp`` and ``soft_dice_5`` entries), MetricsSaver and
+PerImageMetricsWriter."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MetricsSaver, from_engine
+from monai.handlers import MetricsSaver
 from monai.inferers import Inferer
 
-from ambiseg_monai.handlers import (
-    AmbiguousSegmentationMetricsHandler,
-    CaseIdMeta,
-    CollectiveInsight,
-    CrossPairDice,
-    GeneralizedEnergyDistance,
-    PerImageMetricsWriter,
-    SoftDice,
-)
+from ambiseg_monai.bundle_config import merged_config
+from ambiseg_monai.handlers import AmbiguousSegmentationMetricsHandler, CaseIdMeta, PerImageMetricsWriter
 from ambiseg_monai.metrics import CONSENSUS_PAPER_THRESHOLDS, DEFAULT_HANDLER_METRICS, soft_dice
 from test_metrics_cumulative import two_batches  # noqa: E402  (tests/ is on sys.path)
 
 CASE_IDS = ["basic", "both_empty", "only_preds_empty", "single_rater"]
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def batches_with_rater_mask():
@@ -118,44 +115,58 @@ def test_prefix_and_suffix_publish_a_second_set_of_names():
     assert engine.state.metric_details["ged_pp"].shape == (4, 1)
 
 
-def test_deprecated_single_metric_aliases_publish_under_the_attach_name():
-    """The aliases bundle configs still name give the suite handler's values under the attach name."""
-    data, _ = batches_with_rater_mask()
-    engine = Engine(lambda e, b: {"pred": b["pred"], "pred_pp": b["pred"].flip(1), "label": b["label"]})
-    AmbiguousSegmentationMetricsHandler(
-        metrics=["ged", "ci", "max_dice_matching", "cross_pair_dice"], pred_key="pred_pp", suffix="_pp"
-    ).attach(engine, "reference")
-    pp = from_engine(["pred_pp", "label"])
-    GeneralizedEnergyDistance(output_transform=pp).attach(engine, "alias_ged")
-    CollectiveInsight(output_transform=pp).attach(engine, "alias_ci")
-    CollectiveInsight(component="max_dice_matching", output_transform=pp, save_details=False).attach(engine, "alias_dmax")
-    CrossPairDice(output_transform=pp).attach(engine, "alias_cpd")
+def _bundle_metrics(bundle: str, files: list[str], config_id: str) -> dict:
+    """The metric handlers a bundle config builds at ``config_id`` (the shared base merged in)."""
+    config = merged_config([str(BUNDLES / bundle / "configs" / f) for f in files], root=BUNDLES.parent)
+    return ConfigParser(config).get_parsed_content(config_id)
+
+
+@pytest.mark.parametrize(
+    "files, config_id, names",
+    [
+        (["train.json"], "validate#additional_metrics", {"ged_pp", "ci_pp", "cross_pair_dice_pp"}),
+        (
+            ["train.json", "evaluate.json"],
+            "evaluate#n4#additional_metrics",
+            {"ged_pp", "ci_pp", "max_dice_matching_pp", "cross_pair_dice_pp"},
+        ),
+    ],
+)
+def test_ambdiffseg_post_processed_metrics_keep_their_names(files, config_id, names):
+    """AmbDiffSeg's extra metrics of the post-processed samples (``pred_pp``): the names MLflow, the reports
+    and the bundle docs use, with the values of the samples they are computed on."""
+    data, expected = batches_with_rater_mask()
+    engine = Engine(lambda e, b: {"pred": torch.zeros_like(b["pred"]), "pred_pp": b["pred"], "label": b["label"]})
+    for name, handler in _bundle_metrics("ambdiffseg", files, config_id).items():
+        handler.attach(engine, name)
     engine.run(data)
-    for alias, name in (("alias_ged", "ged"), ("alias_ci", "ci"), ("alias_dmax", "max_dice_matching"),
-                        ("alias_cpd", "cross_pair_dice")):
-        assert engine.state.metrics[alias] == pytest.approx(engine.state.metrics[f"{name}_pp"], abs=1e-12), alias
-    assert torch.equal(engine.state.metric_details["alias_ged"], engine.state.metric_details["ged_pp"])
-    assert "alias_dmax" not in engine.state.metric_details
-    with pytest.raises(ValueError, match="unknown names"):
-        CollectiveInsight(component="dice")
+    assert set(engine.state.metrics) == names
+    for name in names:
+        metric = name.removesuffix("_pp")
+        assert engine.state.metrics[name] == pytest.approx(sum(e[metric] for e in expected) / 4, abs=1e-7), name
+    details = set(getattr(engine.state, "metric_details", {}))
+    assert details == (names if "evaluate" in config_id else set())  # per-image tables only in the evaluation
 
 
-def test_soft_dice_alias_and_suffix_read_the_soft_map():
+@pytest.mark.parametrize(
+    "files, config_id",
+    [(["train.json"], "validate#additional_metrics"), (["train.json", "evaluate.json"], "evaluate#additional_metrics")],
+)
+def test_consensus_soft_dice_5_reads_the_soft_map(files, config_id):
     """consensus diffusion's ``soft_dice_5``: the five-threshold soft Dice of the output's soft map."""
     data, _ = batches_with_rater_mask()
     soft = torch.tensor([[[0.0, 0.3, 0.55, 1.0]], [[0.2, 0.2, 0.8, 0.4]]])  # B x 1 x 4
     engine = Engine(lambda e, b: {"pred": b["pred"], "label": b["label"], "pred_soft": soft})
-    AmbiguousSegmentationMetricsHandler(metrics=["soft_dice"], thresholds=CONSENSUS_PAPER_THRESHOLDS,
-                                        suffix="_5").attach(engine, "soft_dice_5")
-    SoftDice(thresholds=CONSENSUS_PAPER_THRESHOLDS, output_transform=from_engine(["pred_soft", "label"])).attach(
-        engine, "alias_soft_dice_5")
-    SoftDice().attach(engine, "alias_soft_dice")  # default: the mean of the samples
-    AmbiguousSegmentationMetricsHandler(metrics=["soft_dice"], soft_pred_key=None).attach(engine, "soft_dice")
+    for name, handler in _bundle_metrics("consensus_diffusion", files, config_id).items():
+        handler.attach(engine, name)
     engine.run(data[:1])
     want = soft_dice(soft, data[0]["label"], CONSENSUS_PAPER_THRESHOLDS, rater_mask=data[0]["rater_mask"])
+    assert set(engine.state.metrics) == {"soft_dice_5"}
     assert engine.state.metrics["soft_dice_5"] == pytest.approx(want.mean().item(), abs=1e-12)
-    assert engine.state.metrics["alias_soft_dice_5"] == pytest.approx(want.mean().item(), abs=1e-12)
-    assert engine.state.metrics["alias_soft_dice"] == pytest.approx(engine.state.metrics["soft_dice"], abs=1e-12)
+    # not the soft Dice of the samples' mean: the handler reads the output's soft map
+    of_samples = soft_dice(data[0]["pred"].float().mean(1), data[0]["label"], CONSENSUS_PAPER_THRESHOLDS,
+                           rater_mask=data[0]["rater_mask"])  # fmt: skip
+    assert not torch.allclose(of_samples, want)
 
 
 class FixedSamplesInferer(Inferer):

@@ -22,7 +22,7 @@ import pytest
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-from ambiseg_monai.handlers.provenance import ProvenanceHandler
+from ambiseg_monai.handlers import ProvenanceHandler
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.provenance import log_evaluation_results
 from ambiseg_monai.reporting.report import compare_runs, load_per_image_metrics

@@ -7,11 +7,8 @@ import torch
 
 from ambiseg_monai.diffusion import RespacedDDPMScheduler, mixture_posterior_mean, rater_posterior_target
 from ambiseg_monai.diffusion.continuous import ContinuousDDPMScheduler
-from ambiseg_monai.engines import (
-    ContinuousDiffusionTrainingInferer,
-    DiffusionTrainingInferer,
-    DiffusionTrainingPrepareBatch,
-)
+from ambiseg_monai.diffusion.weighting import LossWeighting
+from ambiseg_monai.engines import DiffusionTrainingInferer, DiffusionTrainingPrepareBatch
 
 
 def test_mixture_posterior_mean_matches_hand_computation():
@@ -106,6 +103,8 @@ def test_continuous_inferer_with_identical_raters_keeps_the_plain_target():
     losses = []
     for posterior in (False, True):
         torch.manual_seed(0)
-        inferer = ContinuousDiffusionTrainingInferer(scheduler, rater_posterior_targets=posterior)
+        inferer = DiffusionTrainingInferer(
+            scheduler, weighting=LossWeighting(), stratified_times=True, rater_posterior_targets=posterior
+        )
         losses.append(inferer(image, _Constant(), **kwargs)["l_simple"].item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from ambiseg_monai import cli
-from ambiseg_monai.handlers import MLflowConfigLogger, ProvenanceHandler
+from ambiseg_monai.handlers import ProvenanceHandler
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.provenance import (
     datalist_sha256,
@@ -227,7 +227,7 @@ def test_hyperparameters_are_the_top_level_values_known_before_running():
 def test_provenance_handler_is_the_one_path_for_params_and_config_files(tmp_path, small_demo_dataset, empty_db,
                                                                          monkeypatch):
     """Command line -> params (resolved hyperparameters + config as written), executed config, config files;
-    the deprecated MLflowConfigLogger logs the config artifacts alone."""
+    with ``log_config_file=False`` the same params and no config artifacts."""
     uri = fresh_store(empty_db, tmp_path / "one.db")
     base, overlay = tmp_path / "train.json", tmp_path / "lidc.json"
     base.write_text(json.dumps({"bundle_name": "cimd", "learning_rate": 0.01, "amp": True, "channels": [4, 8],
@@ -238,7 +238,7 @@ def test_provenance_handler_is_the_one_path_for_params_and_config_files(tmp_path
     runs = {}
     for name, handler_of in (
         ("provenance", lambda h: ProvenanceHandler(mlflow_handler=h, params={"num_raters": 3})),
-        ("config_only", lambda h: MLflowConfigLogger(h)),
+        ("no_files", lambda h: ProvenanceHandler(mlflow_handler=h, log_config_file=False)),
     ):
         mlflow_handler = MLFlowHandler(tracking_uri=uri, experiment_name=name, output_transform=lambda out: None)
         engine = Engine(lambda e, batch: None)
@@ -253,16 +253,19 @@ def test_provenance_handler_is_the_one_path_for_params_and_config_files(tmp_path
     assert params["channels"] == "[8, 16]" and params["config.channels.1"] == "16"  # the overlay
     assert params["num_raters"] == "3" and params["config.num_raters"] == "$len([1, 2, 3])"
     assert params["max_epochs"] == "1"  # logged first by MLFlowHandler (the engine's value): kept
-    for name in runs:
-        run_id = runs[name].info.run_id
-        artifacts = [a.path for a in client.list_artifacts(run_id, "config")]
-        assert artifacts == ["config/executed_config.json", "config/files"], name
-        files = [a.path for a in client.list_artifacts(run_id, "config/files")]
-        assert files == ["config/files/lidc.json", "config/files/train.json"], name
-        logged = json.loads(open(client.download_artifacts(run_id, "config/executed_config.json", str(tmp_path))).read())
-        assert logged["channels"] == [8, 16] and logged["learning_rate"] == 0.5, name
-    assert not any(k.startswith("config.") for k in runs["config_only"].data.params)
-    assert naming.TAG_CODE_VERSION not in runs["config_only"].data.tags
+    run_id = runs["provenance"].info.run_id
+    artifacts = [a.path for a in client.list_artifacts(run_id, "config")]
+    assert artifacts == ["config/executed_config.json", "config/files"]
+    files = [a.path for a in client.list_artifacts(run_id, "config/files")]
+    assert files == ["config/files/lidc.json", "config/files/train.json"]
+    logged = json.loads(open(client.download_artifacts(run_id, "config/executed_config.json", str(tmp_path))).read())
+    assert logged["channels"] == [8, 16] and logged["learning_rate"] == 0.5
+    no_files = runs["no_files"]
+    assert client.list_artifacts(no_files.info.run_id, "config") == []
+    assert {k: v for k, v in no_files.data.params.items() if k != "num_raters"} == {
+        k: v for k, v in params.items() if k != "num_raters"
+    }
+    assert naming.TAG_CODE_VERSION in no_files.data.tags
 
 
 def test_provenance_handler_built_by_a_bundle_reads_the_config_being_parsed(monkeypatch):

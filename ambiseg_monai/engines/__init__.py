@@ -9,22 +9,22 @@ from ambiseg_monai.engines.bundle_helpers import (
     prepare_dataset,
     use_amp,
 )
+from ambiseg_monai.engines.consensus import CombineConsensusSamples, ConsensusSamplingInferer, UnpackPredictiond
+from ambiseg_monai.engines.continuous_training import WarmupConstantCosine
 from ambiseg_monai.engines.inferers import (
     DiffusionSamplingInferer,
-    PerImageSeedingInferer,
     DiffusionTrainingInferer,
+    PerImageSeedingInferer,
     mask_to_symmetric,
     sample_statistics,
 )
-from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
-from ambiseg_monai.engines.consensus import CombineConsensusSamples, ConsensusSamplingInferer, UnpackPredictiond
-from ambiseg_monai.engines.continuous_training import ContinuousDiffusionTrainingInferer, WarmupConstantCosine
 from ambiseg_monai.engines.latent_models import (
     LatentSampleInferer,
     LatentTrainingInferer,
     PHiSegELBOLoss,
     ProbUNetELBOLoss,
 )
+from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
 
 __all__ = [
     "DiffusionSamplingInferer",
@@ -44,7 +44,6 @@ __all__ = [
     "CombineConsensusSamples",
     "ConsensusSamplingInferer",
     "UnpackPredictiond",
-    "ContinuousDiffusionTrainingInferer",
     "WarmupConstantCosine",
     "LatentSampleInferer",
     "LatentTrainingInferer",

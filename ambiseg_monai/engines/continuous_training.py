@@ -1,61 +1,16 @@
-"""Continuous-time training (AmbDiffSeg): the name its configs use for the training inferer, and its LR schedule.
-
-:class:`ContinuousDiffusionTrainingInferer` is the one training inferer,
-:class:`~ambiseg_monai.engines.DiffusionTrainingInferer`, with AmbDiffSeg's defaults: a continuous-time
-scheduler (:mod:`ambiseg_monai.diffusion.continuous`), t drawn stratified over the batch, and the error of
-x̂_0 (after tanh, or converted from v / ε) weighted by w(t) (truncated SNR unless given). It is kept so
-that configs naming it keep working; new configs use ``DiffusionTrainingInferer`` with
-``weighting`` and ``stratified_times: true``.
+"""AmbDiffSeg's learning-rate schedule.
 
 :class:`WarmupConstantCosine` is the paper's learning-rate schedule as an ``LambdaLR`` factor: linear
-warm-up, constant, then cosine decay to 0 over the last ``decay_steps`` iterations.
+warm-up, constant, then cosine decay to 0 over the last ``decay_steps`` iterations. (AmbDiffSeg trains
+with the one training inferer, :class:`~ambiseg_monai.engines.DiffusionTrainingInferer`, given a
+``weighting`` and ``stratified_times: true``.)
 """
 
 from __future__ import annotations
 
 import math
 
-from ambiseg_monai.diffusion.continuous import ContinuousTimeScheduler
-from ambiseg_monai.diffusion.weighting import LossWeighting
-from ambiseg_monai.engines.inferers import DiffusionTrainingInferer
-
-__all__ = ["ContinuousDiffusionTrainingInferer", "WarmupConstantCosine"]
-
-
-class ContinuousDiffusionTrainingInferer(DiffusionTrainingInferer):
-    """:class:`~ambiseg_monai.engines.DiffusionTrainingInferer` with AmbDiffSeg's defaults (a config alias).
-
-    Equivalent to ``DiffusionTrainingInferer(scheduler, weighting=weighting or LossWeighting(),
-    stratified_times=stratified_times, autocast_dtype=..., rater_posterior_targets=...)`` and checks that
-    the scheduler is a continuous-time one.
-
-    Args:
-        scheduler: a :class:`~ambiseg_monai.diffusion.continuous.ContinuousTimeScheduler`.
-        weighting: the loss weighting w(t) (default: truncated SNR).
-        stratified_times: draw t stratified over the batch (default True).
-        autocast_dtype, rater_posterior_targets: as in :class:`~ambiseg_monai.engines.DiffusionTrainingInferer`.
-    """
-
-    def __init__(
-        self,
-        scheduler: ContinuousTimeScheduler,
-        weighting: LossWeighting | None = None,
-        stratified_times: bool = True,
-        autocast_dtype: str | None = None,
-        rater_posterior_targets: bool = False,
-    ) -> None:
-        if not isinstance(scheduler, ContinuousTimeScheduler):
-            raise TypeError(
-                "ContinuousDiffusionTrainingInferer needs a continuous-time scheduler, "
-                f"got {type(scheduler).__name__}; use DiffusionTrainingInferer for discrete schedulers."
-            )
-        super().__init__(
-            scheduler,
-            autocast_dtype=autocast_dtype,
-            rater_posterior_targets=rater_posterior_targets,
-            weighting=weighting or LossWeighting(),
-            stratified_times=stratified_times,
-        )
+__all__ = ["WarmupConstantCosine"]
 
 
 class WarmupConstantCosine:

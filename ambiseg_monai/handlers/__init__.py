@@ -11,20 +11,15 @@ from ambiseg_monai.handlers.checkpoint import (
 )
 from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler
 from ambiseg_monai.handlers.gradient_clipping import GradientClipping
-from ambiseg_monai.handlers.loss_terms import LossTerms, loss_terms_from_output
+from ambiseg_monai.handlers.loss_terms import LossTerms
 from ambiseg_monai.handlers.metrics import (
     AmbiguousSegmentationMetricsHandler,
     CaseIdMeta,
-    CollectiveInsight,
-    CrossPairDice,
-    GeneralizedEnergyDistance,
-    SoftDice,
     batch_field,
     rater_mask_from_batch,
 )
 from ambiseg_monai.handlers.mlflow_logging import (
     GuardedMLFlowHandler,
-    MLflowConfigLogger,
     MLflowMetricsLogger,
     ProvenanceHandler,
     default_run_name,
@@ -55,7 +50,6 @@ __all__ = [
     "GuardedMLFlowHandler",
     "default_run_name",
     "LossTerms",
-    "loss_terms_from_output",
     # training
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
@@ -66,10 +60,4 @@ __all__ = [
     "GradientClipping",
     "NonFiniteGuard",
     "NonFiniteTrainingError",
-    # deprecated aliases still named by bundle configs (see their docstrings)
-    "GeneralizedEnergyDistance",
-    "CollectiveInsight",
-    "CrossPairDice",
-    "SoftDice",
-    "MLflowConfigLogger",
 ]

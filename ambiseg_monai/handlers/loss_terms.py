@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LossTerms", "loss_terms_from_output"]
+__all__ = ["LossTerms"]
 
 
 def _mean(value: Any) -> float:
@@ -57,8 +57,3 @@ class LossTerms:
         if isinstance(pred, Mapping):
             terms.update({name: _mean(value) for name, value in pred.items() if name.startswith("l_")})
         return terms
-
-
-#: The diffusion bundles' ``output_transform`` (``"$ambiseg_monai.handlers.loss_terms_from_output"``):
-#: ``LossTerms()``, the ``l_*`` terms of the trainer output.
-loss_terms_from_output = LossTerms()

@@ -17,9 +17,6 @@ five-threshold soft Dice with ``metrics=["soft_dice"], suffix="_5"``), where ``S
 ``MLFlowHandler`` pick them up. With ``save_details=True`` it fills ``engine.state.metric_details`` under the
 same names (B_total x 1, like MONAI's ``IgniteMetricHandler``), which
 :class:`~ambiseg_monai.handlers.PerImageMetricsWriter` (a MONAI ``MetricsSaver``) writes as one per-image table.
-
-The single-metric classes at the end of this module are deprecated aliases kept for bundle configs written
-before the handler took ``prefix`` / ``suffix``; see their docstrings for the replacement.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
-from monai.handlers.utils import from_engine
 from monai.utils import ImageMetaKey, convert_to_tensor
 
-from ambiseg_monai.metrics.inputs import check_probability_stack
 from ambiseg_monai.metrics.suite import DEFAULT_HANDLER_METRICS, AmbiguousSegmentationMetrics
 
 __all__ = [
@@ -44,11 +39,6 @@ __all__ = [
     "rater_mask_from_batch",
     "CaseIdMeta",
     "AmbiguousSegmentationMetricsHandler",
-    # deprecated aliases (bundle configs), see the class docstrings
-    "GeneralizedEnergyDistance",
-    "CollectiveInsight",
-    "CrossPairDice",
-    "SoftDice",
 ]
 
 
@@ -200,85 +190,3 @@ class AmbiguousSegmentationMetricsHandler(Metric):
         self._engine = engine
         if self.save_details and not hasattr(engine.state, "metric_details"):
             engine.state.metric_details = {}  # type: ignore[attr-defined]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Deprecated single-metric aliases: the bundle configs written before ``prefix`` / ``suffix`` existed attach
-# one of these per extra name (``"ged_pp": {"_target_": "...GeneralizedEnergyDistance", "output_transform":
-# "$monai.handlers.from_engine(['pred_pp', 'label'])"}``). Each is the suite handler restricted to one metric,
-# published under the name it is attached with. Replace them by one AmbiguousSegmentationMetricsHandler with
-# ``metrics=[...]``, ``pred_key`` and ``suffix``; remove them once no config uses them.
-
-
-class _SingleMetricAlias(AmbiguousSegmentationMetricsHandler):
-    """One metric of the suite, read through an ``output_transform`` and published under the attach name."""
-
-    def __init__(
-        self,
-        metric: str,
-        output_transform: Callable = from_engine(["pred", "label"]),
-        batch_transform: Callable[[Any], torch.Tensor | None] = rater_mask_from_batch,
-        save_details: bool = True,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            metrics=(metric,), soft_pred_key=None, batch_transform=batch_transform, save_details=save_details,
-            **options,
-        )  # fmt: skip
-        self.output_transform = output_transform
-
-    def attach(self, engine: Engine, name: str = "ambiguous_segmentation", *args: Any, **kwargs: Any) -> None:
-        self.published = {self.suite.metrics[0]: name}
-        super().attach(engine, name, *args, **kwargs)
-
-    def _inputs(self, y_pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pred": y_pred, "label": y}
-
-    @torch.no_grad()
-    def iteration_completed(self, engine: Engine) -> None:
-        y_pred, y = self.output_transform(engine.state.output)
-        batch_input = self._inputs(as_batch(y_pred, "y_pred"), as_batch(y, "y"))
-        batch_input["rater_mask"] = self.batch_transform(engine.state.batch)
-        self.update(batch_input)
-
-
-class GeneralizedEnergyDistance(_SingleMetricAlias):
-    """Deprecated: GED published under the attach name. Use
-    ``AmbiguousSegmentationMetricsHandler(metrics=["ged"], pred_key=..., suffix=...)``."""
-
-    def __init__(self, unbiased: bool = False, **kwargs: Any) -> None:
-        super().__init__("ged", unbiased=unbiased, **kwargs)
-
-
-class CollectiveInsight(_SingleMetricAlias):
-    """Deprecated: CI or one of its components (``component``) published under the attach name. Use
-    ``AmbiguousSegmentationMetricsHandler(metrics=[component, ...], pred_key=..., suffix=...)``."""
-
-    def __init__(
-        self, component: str = "ci", include_self_pairs: bool = False, harmonic: bool = False, **kwargs: Any
-    ) -> None:
-        super().__init__(component, include_self_pairs=include_self_pairs, harmonic=harmonic, **kwargs)
-
-
-class CrossPairDice(_SingleMetricAlias):
-    """Deprecated: mean cross-pair Dice published under the attach name. Use
-    ``AmbiguousSegmentationMetricsHandler(metrics=["cross_pair_dice"], pred_key=..., suffix=...)``."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("cross_pair_dice", **kwargs)
-
-
-class SoftDice(_SingleMetricAlias):
-    """Deprecated: QUBIQ soft Dice published under the attach name; the soft map is the mean over the channels
-    of the ``output_transform``'s prediction (B x C x H x W, or a B x H x W map). Use
-    ``AmbiguousSegmentationMetricsHandler(metrics=["soft_dice"], thresholds=..., suffix=...)``, which reads
-    the output's ``"pred_soft"`` map when there is one."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("soft_dice", **kwargs)
-
-    def _inputs(self, y_pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        maps = check_probability_stack(y_pred[:, None] if y_pred.ndim == 3 else y_pred, "y_pred", ndim=4)
-        # soft Dice reads only the soft map and the raters; the suite still needs a binary stack of that size
-        placeholder = torch.zeros(maps.shape[0], 1, *maps.shape[2:], dtype=torch.bool, device=maps.device)
-        return {"pred": placeholder, "label": y, "pred_soft": maps.mean(1)}

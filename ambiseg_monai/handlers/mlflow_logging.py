@@ -45,7 +45,6 @@ __all__ = [
     "mlflow_run_id",
     "log_artifact",
     "ProvenanceHandler",
-    "MLflowConfigLogger",
     "MLflowMetricsLogger",
     "GuardedMLFlowHandler",
 ]
@@ -185,27 +184,6 @@ class ProvenanceHandler:
         log_executed_config(client, run_id, self.config)
         for path in self.config_files:
             client.log_artifact(run_id, str(path), CONFIG_FILES_ARTIFACT_DIR)
-
-
-class MLflowConfigLogger(ProvenanceHandler):
-    """Deprecated: the config artifacts alone (``config/executed_config.json`` and ``config/files/``), which
-    :class:`ProvenanceHandler` logs itself with its default ``log_config_file=True``. Kept for bundle configs
-    that list both (their ``ProvenanceHandler`` has ``log_config_file: false``); remove it from them.
-
-    Args:
-        mlflow_handler: the MONAI ``MLFlowHandler`` whose run receives the files.
-        config_files: files to log (merged in order); default: the ``monai.bundle run`` command line's files
-            and overrides.
-    """
-
-    def __init__(self, mlflow_handler, config_files: Sequence[str] | None = None) -> None:
-        super().__init__(config=config_files, mlflow_handler=mlflow_handler)
-
-    def started(self, engine: Engine) -> None:
-        client, run_id = _client_and_run(self.mlflow_handler, engine, type(self).__name__)
-        if run_id != self.logged_run_id:
-            self._log_config_artifacts(client, run_id)
-            self.logged_run_id = run_id
 
 
 class MLflowMetricsLogger:
