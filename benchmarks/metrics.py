@@ -22,7 +22,7 @@ try:
 except ImportError:  # run as a script: the loop reference lives next to it, in sys.path[0]
     import reference_metrics
 
-from ambiseg_monai.metrics import METRIC_NAMES, ambiguous_segmentation_metrics  # noqa: E402
+from ambiseg_monai.metrics import METRIC_NAMES, ambiguous_segmentation_metrics
 
 
 def disc_masks(batch: int, count: int, size: int, generator: torch.Generator, empty_rate: float = 0.15) -> torch.Tensor:

@@ -20,14 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# this script's own name would shadow the ``preprocessing`` package: drop its folder from the path
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent / "tests"))
+# the fixtures live in tests/ (shared with the importer tests)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _fixtures_preprocessing import COLUMNS, ROWS, Z_POSITIONS, make_lidc_scan, real_marks  # noqa: E402
+from _fixtures_preprocessing import COLUMNS, ROWS, Z_POSITIONS, make_lidc_scan, real_marks
 
-from preprocessing.lidc import LidcOptions, prepare_lidc  # noqa: E402
+from ambiseg_monai.preprocessing.lidc import LidcOptions, prepare_lidc
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:

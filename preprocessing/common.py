@@ -71,6 +71,7 @@ __all__ = [
     "write_sample_files",
     "register_written_samples",
     "finish_import",
+    "image_size",
     "resize_image",
     "resize_masks",
     "normalise_minmax",
@@ -161,7 +162,7 @@ def _call_safely(function: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
         raise
     except (InputError, OSError) as error:  # expected input problems: the message names the file
         return False, str(error)
-    except Exception as error:  # a bug or an unforeseen format quirk: keep the traceback's last line
+    except Exception as error:  # noqa: BLE001 - a bug or an unforeseen format quirk: keep the traceback's last line
         last = traceback.format_exception_only(type(error), error)[-1].strip()
         return False, f"unexpected {last}"
 
@@ -312,8 +313,7 @@ class ImportSummary:
 
     def record_sample(self, split: str, patient_id: str, label: np.ndarray, case_id: str = "") -> None:
         """Count one written sample (``label``: R x H x W)."""
-        self.record_counts(split, patient_id, int(label.shape[0]), _count_empty(label), tuple(label.shape[1:]),
-                           case_id)
+        self.record_counts(split, patient_id, int(label.shape[0]), _count_empty(label), tuple(label.shape[1:]), case_id)
 
     def record_counts(
         self,
@@ -326,7 +326,7 @@ class ImportSummary:
     ) -> None:
         """Count one written sample from its rater count, number of empty masks and H x W."""
         if size is not None:
-            self.sizes[split].setdefault(tuple(size), case_id)
+            self.sizes[split].setdefault((int(size[0]), int(size[1])), case_id)
         self.samples[split] += 1
         self.patients[split].add(str(patient_id))
         self.raters[num_raters] += 1
@@ -521,8 +521,9 @@ def register_written_samples(
         item = sample.item
         split = _split_for(sample.split, item["patient_id"], item["case_id"], split_of_patient)
         writer.register_item(split, item)
-        summary.record_counts(split, item["patient_id"], sample.num_raters, sample.empty_masks, sample.size,
-                              item["case_id"])
+        summary.record_counts(
+            split, item["patient_id"], sample.num_raters, sample.empty_masks, sample.size, item["case_id"]
+        )
         count += 1
     return count
 
@@ -557,14 +558,21 @@ def finish_import(writer: DatasetWriter, summary: ImportSummary, source: str | o
 
 
 # -- image helpers --------------------------------------------------------------------------------
+def image_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    """``--size H W`` as an ``(H, W)`` tuple; None (or empty): keep each source's size."""
+    if not size:
+        return None
+    if len(size) != 2:
+        raise ValueError(f"size must be (H, W), got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize a C x H x W image to C x size[0] x size[1] (linear, anti-aliased when shrinking)."""
     image = np.asarray(image, dtype=np.float32)
     if tuple(image.shape[1:]) == tuple(size):
         return image
-    return resize(image, (image.shape[0], *size), order=1, anti_aliasing=True, preserve_range=True).astype(
-        np.float32
-    )
+    return resize(image, (image.shape[0], *size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
 def resize_masks(masks: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from preprocessing.common import InputError, check_finite
+from .common import InputError, check_finite
 
 __all__ = ["DicomSeriesError", "CTSlice", "CTSeries", "read_series", "read_header", "list_dicom_files"]
 

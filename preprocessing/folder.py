@@ -40,7 +40,8 @@ from PIL import Image
 
 from ambiseg_monai.data.datalist import SPLITS, DatasetWriter, split_patients
 from ambiseg_monai.data.nifti import is_nifti_path
-from preprocessing.common import (
+
+from .common import (
     ImportSummary,
     InputError,
     Sample,
@@ -49,6 +50,7 @@ from preprocessing.common import (
     check_binary_mask,
     check_finite,
     finish_import,
+    image_size,
     normalise_minmax,
     resize_image,
     resize_masks,
@@ -58,8 +60,14 @@ from preprocessing.common import (
 
 __all__ = ["FolderRow", "read_csv", "read_image_file", "convert_row", "prepare_folder", "configure_parser", "main"]
 
-SPLIT_NAMES = {"training": "training", "train": "training", "validation": "validation", "val": "validation",
-               "valid": "validation", "test": "test"}
+SPLIT_NAMES = {
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+}
 NORMALISATIONS = ("auto", "minmax", "none")
 
 
@@ -133,8 +141,14 @@ def convert_row(row: FolderRow) -> Sample:
     image, label = _normalise(image, row.normalisation), np.stack(masks)
     if row.size is not None:
         image, label = resize_image(image, row.size), resize_masks(label, row.size)
-    return Sample(row.case_id, row.patient_id, image, label, {"source_image": os.path.relpath(row.image,
-                  Path(row.csv_path).parent)}, split=row.split)
+    return Sample(
+        row.case_id,
+        row.patient_id,
+        image,
+        label,
+        {"source_image": os.path.relpath(row.image, Path(row.csv_path).parent)},
+        split=row.split,
+    )
 
 
 def read_csv(
@@ -166,7 +180,8 @@ def read_csv(
     if not rows:
         raise InputError(f"{csv_path}: no rows")
     base = csv_path.parent
-    resolved, seen = [], {}
+    resolved: list[FolderRow] = []
+    seen: dict[str, int] = {}
     for line, raw in rows:
         row = {key.strip(): (value or "").strip() for key, value in raw.items() if key is not None}
         if not row["image"]:
@@ -180,8 +195,17 @@ def read_csv(
             raise InputError(f"{csv_path} line {line}: unknown split '{row['split']}' (use {', '.join(SPLITS)})")
         masks = tuple(os.fspath(base / raw[c].strip()) if (raw[c] or "").strip() else None for c in mask_columns)
         resolved.append(
-            FolderRow(line, os.fspath(csv_path), case_id, row.get("patient_id") or case_id,
-                      SPLIT_NAMES.get(split_name), os.fspath(base / row["image"]), masks, normalisation, size)
+            FolderRow(
+                line,
+                os.fspath(csv_path),
+                case_id,
+                row.get("patient_id") or case_id,
+                SPLIT_NAMES.get(split_name),
+                os.fspath(base / row["image"]),
+                masks,
+                normalisation,
+                size,
+            )
         )
     return resolved
 
@@ -213,32 +237,54 @@ def prepare_folder(
     """Convert the CSV-described folder into a dataset at ``out``; returns the summary."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"--normalisation must be one of {NORMALISATIONS}, got '{normalisation}'")
-    rows = read_csv(csv_path, normalisation, tuple(size) if size else None)
+    rows = read_csv(csv_path, normalisation, image_size(size))
     num_raters = len(rows[0].masks)
     name = name or Path(csv_path).stem
-    options = {"csv": os.fspath(csv_path), "normalisation": normalisation, "size": list(size) if size else None,
-               "split_fractions": list(split_fractions), "seed": seed}
+    options = {
+        "csv": os.fspath(csv_path),
+        "normalisation": normalisation,
+        "size": list(size) if size else None,
+        "split_fractions": list(split_fractions),
+        "seed": seed,
+    }
     summary = ImportSummary(name, options)
     # rows with a split keep it; the other rows' patients are drawn (patients already placed keep their split)
     fixed = {row.patient_id: row.split for row in rows if row.split}
     for row in rows:
         if row.split and fixed[row.patient_id] != row.split:
             raise InputError(f"{row.csv_path} line {row.line}: patient '{row.patient_id}' is in two splits")
-    drawn = split_patients([r.patient_id for r in rows if r.patient_id not in fixed], split_fractions, seed) if any(
-        r.patient_id not in fixed for r in rows) else {}
+    drawn = (
+        split_patients([r.patient_id for r in rows if r.patient_id not in fixed], split_fractions, seed)
+        if any(r.patient_id not in fixed for r in rows)
+        else {}
+    )
     split_of = {**drawn, **fixed}
     DatasetWriter(out, name, modality, 1, 1, overwrite=overwrite).check_destination()  # before reading images
     channels = _first_readable_channels(rows)
-    writer = DatasetWriter(out, name=name, modality=modality, num_raters=num_raters, image_channels=channels,
-                           overwrite=overwrite, metadata={"source": "folder + CSV", "preprocessing": options})
+    writer = DatasetWriter(
+        out,
+        name=name,
+        modality=modality,
+        num_raters=num_raters,
+        image_channels=channels,
+        overwrite=overwrite,
+        metadata={"source": "folder + CSV", "preprocessing": options},
+    )
     with writer:
         for _, sample in run_tasks(
-            convert_row, rows, describe=lambda r: f"{r.csv_path} line {r.line}", strict=strict, progress=progress,
-            desc=name, on_failure=summary.record_failure,
+            convert_row,
+            rows,
+            describe=lambda r: f"{r.csv_path} line {r.line}",
+            strict=strict,
+            progress=progress,
+            desc=name,
+            on_failure=summary.record_failure,
         ):
             if sample.image.shape[0] != channels:
-                message = (f"{csv_path}: {sample.metadata['source_image']} has {sample.image.shape[0]} channels, "
-                           f"the first readable image has {channels}")
+                message = (
+                    f"{csv_path}: {sample.metadata['source_image']} has {sample.image.shape[0]} channels, "
+                    f"the first readable image has {channels}"
+                )
                 if strict:
                     raise InputError(message)
                 summary.skipped.append({"source": sample.metadata["source_image"], "reason": message})
@@ -266,8 +312,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare folder``."""
     summary = prepare_folder(
-        args.csv, args.out, args.name, args.modality, args.normalisation, tuple(args.size) if args.size else None,
-        tuple(args.split_fractions), args.seed, args.strict, args.overwrite, args.progress,
+        args.csv,
+        args.out,
+        args.name,
+        args.modality,
+        args.normalisation,
+        tuple(args.size) if args.size else None,
+        tuple(args.split_fractions),
+        args.seed,
+        args.strict,
+        args.overwrite,
+        args.progress,
     )
     print(summary.format())
     print(f"wrote {args.out}")

@@ -10,7 +10,7 @@ What is done, per CT series that has an annotation file:
 * slices are read with pydicom, ordered by position, duplicates dropped, converted to HU;
 * every reader's ``unblindedReadNodule`` marks are parsed (point-only marks of nodules < 3 mm are
   skipped and counted); marks of the same nodule by different readers are grouped
-  (:mod:`preprocessing.nodule_grouping`);
+  (:mod:`ambiseg_monai.preprocessing.nodule_grouping`);
 * for every slice where at least one reader of a nodule drew a contour, a ``crop_size`` square
   centred on the nodule's bounding-box centre (the same centre for all its slices) is cut out,
   optionally resampled to an isotropic in-plane pixel spacing; pixels beyond the scan are air
@@ -18,7 +18,7 @@ What is done, per CT series that has an annotation file:
 * the image is HU clipped to the window (default [-1000, 400]) and scaled to [0, 1];
 * the label holds one mask per reading session, in the XML's session order (missing readers
   and readers who did not mark the nodule give empty masks), rasterised from the contours on the
-  crop grid (:mod:`preprocessing.contours`): the pixels strictly inside each outline, since the
+  crop grid (:mod:`ambiseg_monai.preprocessing.contours`): the pixels strictly inside each outline, since the
   readers drew the outline just outside the nodule (pylidc's default); holes are cut out with
   their outlines. ``--include-outline`` counts the outline pixels as nodule instead;
 * splits are by patient, seeded (60/20/20 by default).
@@ -42,7 +42,8 @@ from scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
 from ambiseg_monai.data.datalist import DatasetWriter, split_patients
-from preprocessing.common import (
+
+from .common import (
     ImportSummary,
     InputError,
     Sample,
@@ -54,10 +55,10 @@ from preprocessing.common import (
     register_written_samples,
     run_tasks,
 )
-from preprocessing.contours import rasterise_contours
-from preprocessing.dicom_series import DicomSeriesError, CTSeries, read_header, read_series
-from preprocessing.lidc_xml import LidcXmlError, NoduleMark, ReadingSession, parse_lidc_xml, read_xml_header
-from preprocessing.nodule_grouping import group_marks
+from .contours import rasterise_contours
+from .dicom_series import CTSeries, DicomSeriesError, read_header, read_series
+from .lidc_xml import LidcXmlError, NoduleMark, ReadingSession, parse_lidc_xml, read_xml_header
+from .nodule_grouping import group_marks
 
 __all__ = [
     "LidcOptions",
@@ -131,9 +132,7 @@ def _slice_of_roi(series: CTSeries, roi, xml_path: str, where: str, warnings: li
             f"{xml_path}: {where}: imageSOP_UID {roi.sop_instance_uid} (z = {roi.z:g} mm) matches no slice "
             f"of series {series.series_instance_uid} in {Path(series.slices[0].path).parent}"
         )
-    warnings.append(
-        f"{xml_path}: {where}: unknown imageSOP_UID {roi.sop_instance_uid}, matched by z = {roi.z:g} mm"
-    )
+    warnings.append(f"{xml_path}: {where}: unknown imageSOP_UID {roi.sop_instance_uid}, matched by z = {roi.z:g} mm")
     return index
 
 
@@ -179,7 +178,7 @@ class _ContourMark:
         return np.concatenate(
             [
                 np.column_stack([roi.points * spacing, np.full(len(roi.points), series.slices[k].position)])
-                for roi, k in zip(self.mark.rois, self.slices)
+                for roi, k in zip(self.mark.rois, self.slices, strict=True)
             ]
         )
 
@@ -216,12 +215,14 @@ def _nodule_labels(
     low = np.floor(grid.reshape(2, -1).min(axis=1)).astype(int) - 1
     box = tuple(int(v) for v in np.ceil(grid.reshape(2, -1).max(axis=1)).astype(int) + 2 - low)
     rows, columns = np.rint(grid - low[:, None, None]).astype(int)
-    slices = sorted({k for m in nodule.values() for roi, k in zip(m.mark.rois, m.slices) if roi.inclusion})
+    slices = sorted({k for m in nodule.values() for roi, k in zip(m.mark.rois, m.slices, strict=True) if roi.inclusion})
     labels = {}
     for k in slices:
         label = np.zeros((num_channels, size, size), dtype=np.uint8)
         for reader, m in nodule.items():
-            contours = [(roi.points - low, roi.inclusion) for roi, s in zip(m.mark.rois, m.slices) if s == k]
+            contours = [
+                (roi.points - low, roi.inclusion) for roi, s in zip(m.mark.rois, m.slices, strict=True) if s == k
+            ]
             if contours:
                 label[reader] = rasterise_contours(contours, box, include_outline)[rows, columns]
         labels[k] = label
@@ -369,15 +370,15 @@ def discover_scans(
 
     series: dict[str, tuple[str, Path]] = {}
     for directory in tqdm(sorted(dicom_dirs), desc="reading DICOM headers", disable=not progress, unit="folder"):
-        header, error = _series_header(directory, sorted(dicom_dirs[directory]))
-        if header is None:
-            problem(f"{directory}: no readable DICOM file ({error})")
+        dicom_header, read_error = _series_header(directory, sorted(dicom_dirs[directory]))
+        if dicom_header is None:
+            problem(f"{directory}: no readable DICOM file ({read_error})")
             continue
-        if str(getattr(header, "Modality", "CT")).upper() != "CT":
+        if str(getattr(dicom_header, "Modality", "CT")).upper() != "CT":
             summary.count("non_ct_series_skipped")
             continue
-        uid = str(getattr(header, "SeriesInstanceUID", ""))
-        patient = str(getattr(header, "PatientID", "") or uid)
+        uid = str(getattr(dicom_header, "SeriesInstanceUID", ""))
+        patient = str(getattr(dicom_header, "PatientID", "") or uid)
         if uid in series:
             summary.warn(f"{directory}: series {uid} also in {series[uid][1]}; using the first folder")
             continue
@@ -494,19 +495,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--spacing", type=float, default=None, help="resample to this isotropic in-plane pixel spacing in mm"
     )
     parser.add_argument(
-        "--window", type=float, nargs=2, default=[-1000.0, 400.0], metavar=("LOW", "HIGH"),
+        "--window",
+        type=float,
+        nargs=2,
+        default=[-1000.0, 400.0],
+        metavar=("LOW", "HIGH"),
         help="HU window mapped to [0, 1] (default -1000 400)",
     )
     parser.add_argument("--num-readers", type=int, default=4, help="mask channels per sample (default 4)")
     parser.add_argument(
-        "--group-tolerance", type=float, default=None,
+        "--group-tolerance",
+        type=float,
+        default=None,
         help="max distance in mm between readers' contours of one nodule (default: the slice spacing)",
     )
     parser.add_argument(
         "--min-readers", type=int, default=1, help="keep nodules outlined by at least this many readers (default 1)"
     )
     parser.add_argument(
-        "--include-outline", action="store_true",
+        "--include-outline",
+        action="store_true",
         help="count the readers' outline pixels as nodule (default: only the pixels strictly inside the outline, "
         "as pylidc; the readers drew the outline just outside the nodule)",
     )

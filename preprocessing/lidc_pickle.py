@@ -34,11 +34,13 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ambiseg_monai.data.datalist import DatasetWriter, split_patients
-from preprocessing.common import (
+
+from .common import (
     ImportSummary,
     InputError,
     Sample,
@@ -55,21 +57,23 @@ __all__ = ["load_pickle", "ambdiffseg_split", "convert_entry", "prepare_lidc_pic
 
 # Exactly these (module, name) pairs: what NumPy (1.x: numpy.core, 2.x: numpy._core) and Python
 # write when pickling dicts of arrays. No prefix or wildcard: a module's other attributes stay out.
-ALLOWED_GLOBALS = frozenset({
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "bytearray"),
-    ("_codecs", "encode"),
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -103,7 +107,7 @@ def load_pickle(path: str | os.PathLike) -> dict:
 
 def ambdiffseg_split() -> tuple[set[str], set[str]]:
     """The AmbDiffSeg validation and test patient ids shipped with the package."""
-    folder = importlib.resources.files("preprocessing") / "data" / "lidc_split"
+    folder = importlib.resources.files("ambiseg_monai.preprocessing") / "data" / "lidc_split"
 
     def read(name: str) -> set[str]:
         return {line.strip() for line in (folder / name).read_text().splitlines() if line.strip()}
@@ -155,12 +159,17 @@ def prepare_lidc_pickle(
     """Convert the pickle into a dataset at ``out``; returns the summary."""
     if split not in ("ambdiffseg", "seeded"):
         raise ValueError(f"--split must be 'ambdiffseg' or 'seeded', got '{split}'")
-    options = {"split": split, "normalisation": "as in the pickle ([0, 1]), unchanged"}
+    options: dict[str, Any] = {"split": split, "normalisation": "as in the pickle ([0, 1]), unchanged"}
     if split == "seeded":
         options.update(split_fractions=list(split_fractions), seed=seed)
     summary = ImportSummary("lidc-pickle", options)
     writer = DatasetWriter(
-        out, name="lidc", modality="CT", num_raters=4, image_channels=1, overwrite=overwrite,
+        out,
+        name="lidc",
+        modality="CT",
+        num_raters=4,
+        image_channels=1,
+        overwrite=overwrite,
         metadata={"source": "community LIDC pickle (data_lidc.pickle)", "preprocessing": options},
     )
     writer.check_destination()
@@ -177,8 +186,13 @@ def prepare_lidc_pickle(
     entries = [(os.fspath(source), key, value) for key, value in data.items()]
     with writer:
         for _, sample in run_tasks(
-            convert_entry, entries, describe=lambda e: f"{e[0]} [{e[1]}]", strict=strict, progress=progress,
-            desc="LIDC pickle", on_failure=summary.record_failure,
+            convert_entry,
+            entries,
+            describe=lambda e: f"{e[0]} [{e[1]}]",
+            strict=strict,
+            progress=progress,
+            desc="LIDC pickle",
+            on_failure=summary.record_failure,
         ):
             write_samples(writer, summary, [sample], split_of)
         finish_import(writer, summary, source)
@@ -189,7 +203,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ambiseg prepare lidc-pickle``."""
     parser.add_argument("--source", required=True, help="the community pickle (data_lidc.pickle)")
     parser.add_argument(
-        "--split", choices=("ambdiffseg", "seeded"), default="ambdiffseg",
+        "--split",
+        choices=("ambdiffseg", "seeded"),
+        default="ambdiffseg",
         help="patient split: the AmbDiffSeg id lists shipped with the package (default) or a seeded draw",
     )
     add_split_arguments(parser)
@@ -199,7 +215,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare lidc-pickle``."""
     summary = prepare_lidc_pickle(
-        args.source, args.out, args.split, tuple(args.split_fractions), args.seed, args.strict, args.overwrite,
+        args.source,
+        args.out,
+        args.split,
+        tuple(args.split_fractions),
+        args.seed,
+        args.strict,
+        args.overwrite,
         args.progress,
     )
     print(summary.format())

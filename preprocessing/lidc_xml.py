@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preprocessing.common import InputError
+from .common import InputError
 
 __all__ = [
     "LidcXmlError",
@@ -157,9 +157,11 @@ def read_xml_header(path: str | os.PathLike) -> XmlHeader:
 
 
 def _parse_float(text: str | None, what: str, path: str) -> float:
+    if text is None:
+        raise LidcXmlError(f"{path}: {what} is missing")
     try:
-        return float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return float(text)
+    except ValueError:
         raise LidcXmlError(f"{path}: {what} is not a number ({text!r})") from None
 
 

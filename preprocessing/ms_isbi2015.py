@@ -37,7 +37,8 @@ import nibabel as nib
 import numpy as np
 
 from ambiseg_monai.data.datalist import DatasetWriter, split_patients
-from preprocessing.common import (
+
+from .common import (
     ImportSummary,
     InputError,
     Sample,
@@ -55,8 +56,15 @@ from preprocessing.common import (
     run_tasks,
 )
 
-__all__ = ["SEQUENCES", "TimepointTask", "find_timepoints", "convert_timepoint", "prepare_ms_isbi2015",
-           "configure_parser", "main"]
+__all__ = [
+    "SEQUENCES",
+    "TimepointTask",
+    "find_timepoints",
+    "convert_timepoint",
+    "prepare_ms_isbi2015",
+    "configure_parser",
+    "main",
+]
 
 SEQUENCES = ("flair", "mprage", "pd", "t2")
 RATERS = (1, 2)
@@ -160,7 +168,7 @@ def convert_timepoint(task: TimepointTask) -> list[Sample]:
     ).astype(np.float32)
 
     has_brain = brain.any(axis=(0, 1))
-    has_lesion = masks.any(axis=(0, 1, 2))
+    has_lesion = np.asarray(masks.any(axis=(0, 1, 2)))
     keep = has_brain.copy()
     if task.lesion_slices_only:
         others = np.flatnonzero(has_brain & ~has_lesion)
@@ -207,21 +215,38 @@ def prepare_ms_isbi2015(
     if not 0.0 <= empty_fraction <= 1.0:
         raise ValueError(f"--empty-fraction must be in [0, 1], got {empty_fraction}")
     options = {
-        "size": list(size), "keep_aspect": keep_aspect, "lesion_slices_only": lesion_slices_only,
-        "empty_fraction": empty_fraction, "channels": list(SEQUENCES),
+        "size": list(size),
+        "keep_aspect": keep_aspect,
+        "lesion_slices_only": lesion_slices_only,
+        "empty_fraction": empty_fraction,
+        "channels": list(SEQUENCES),
         "normalisation": f"per volume: brain voxels clipped to percentiles {PERCENTILES}, scaled to [0, 1]",
-        "test_subjects": list(test_subjects), "validation_subjects": list(validation_subjects),
-        "split_fractions": list(split_fractions), "seed": seed,
+        "test_subjects": list(test_subjects),
+        "validation_subjects": list(validation_subjects),
+        "split_fractions": list(split_fractions),
+        "seed": seed,
     }
     summary = ImportSummary("ms-isbi2015", options)
-    writer = DatasetWriter(out, name="ms_isbi2015", modality="MR", num_raters=len(RATERS),
-                           image_channels=len(SEQUENCES), overwrite=overwrite,
-                           metadata={"source": "ISBI 2015 longitudinal MS lesion segmentation",
-                                     "preprocessing": options})
+    writer = DatasetWriter(
+        out,
+        name="ms_isbi2015",
+        modality="MR",
+        num_raters=len(RATERS),
+        image_channels=len(SEQUENCES),
+        overwrite=overwrite,
+        metadata={"source": "ISBI 2015 longitudinal MS lesion segmentation", "preprocessing": options},
+    )
     writer.check_destination()
-    found = find_timepoints(source, {"size": tuple(size), "keep_aspect": keep_aspect,
-                                     "lesion_slices_only": lesion_slices_only, "empty_fraction": empty_fraction,
-                                     "seed": seed})
+    found = find_timepoints(
+        source,
+        {
+            "size": tuple(size),
+            "keep_aspect": keep_aspect,
+            "lesion_slices_only": lesion_slices_only,
+            "empty_fraction": empty_fraction,
+            "seed": seed,
+        },
+    )
     tasks = [t for t in found if isinstance(t, TimepointTask)]
     for error in (e for e in found if isinstance(e, InputError)):
         if strict:
@@ -231,14 +256,20 @@ def prepare_ms_isbi2015(
     unknown = sorted((set(test_subjects) | set(validation_subjects)) - set(subjects))
     if unknown:
         raise ValueError(f"{source}: subjects {unknown} not found (subjects: {', '.join(subjects)})")
-    fixed = {**{s: "validation" for s in validation_subjects}, **{s: "test" for s in test_subjects}}
+    fixed = {**dict.fromkeys(validation_subjects, "validation"), **dict.fromkeys(test_subjects, "test")}
     rest = [s for s in subjects if s not in fixed]
     split_of = {**(split_patients(rest, split_fractions, seed) if rest else {}), **fixed}
     with writer:
         worker = WriteInWorker(convert_timepoint, os.fspath(writer.root), len(RATERS), len(SEQUENCES))
         for _, samples in run_tasks(
-            worker, tasks, describe=lambda t: t.images[0], workers=workers, strict=strict,
-            progress=progress, desc="ISBI 2015 time points", on_failure=summary.record_failure,
+            worker,
+            tasks,
+            describe=lambda t: t.images[0],
+            workers=workers,
+            strict=strict,
+            progress=progress,
+            desc="ISBI 2015 time points",
+            on_failure=summary.record_failure,
         ):
             register_written_samples(writer, summary, samples, split_of)
             summary.count("timepoints_converted")
@@ -255,7 +286,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-aspect", action="store_true", help="zero-pad slices to a square before resizing")
     parser.add_argument("--lesion-slices-only", action="store_true", help="keep only slices with a rater's lesion")
     parser.add_argument(
-        "--empty-fraction", type=float, default=0.0,
+        "--empty-fraction",
+        type=float,
+        default=0.0,
         help="with --lesion-slices-only: fraction of the lesion-free brain slices kept as well (default 0)",
     )
     parser.add_argument("--test-subjects", nargs="*", default=[], help="subjects for the test split (e.g. training05)")
@@ -268,9 +301,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare ms-isbi2015``."""
     summary = prepare_ms_isbi2015(
-        args.source, args.out, tuple(args.size), args.keep_aspect, args.lesion_slices_only, args.empty_fraction,
-        tuple(args.test_subjects), tuple(args.validation_subjects), tuple(args.split_fractions), args.seed,
-        args.workers, args.strict, args.overwrite, args.progress,
+        args.source,
+        args.out,
+        tuple(args.size),
+        args.keep_aspect,
+        args.lesion_slices_only,
+        args.empty_fraction,
+        tuple(args.test_subjects),
+        tuple(args.validation_subjects),
+        tuple(args.split_fractions),
+        args.seed,
+        args.workers,
+        args.strict,
+        args.overwrite,
+        args.progress,
     )
     print(summary.format())
     print(f"wrote {args.out}")

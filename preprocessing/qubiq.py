@@ -35,7 +35,8 @@ import nibabel as nib
 import numpy as np
 
 from ambiseg_monai.data.datalist import DatasetWriter
-from preprocessing.common import (
+
+from .common import (
     ImportSummary,
     InputError,
     Sample,
@@ -43,6 +44,7 @@ from preprocessing.common import (
     check_binary_mask,
     check_finite,
     finish_import,
+    image_size,
     normalise_minmax,
     resize_image,
     resize_masks,
@@ -51,7 +53,14 @@ from preprocessing.common import (
 )
 
 __all__ = [
-    "QUBIQ_TASKS", "QubiqTask", "CaseTask", "find_cases", "convert_case", "prepare_qubiq", "configure_parser", "main"
+    "QUBIQ_TASKS",
+    "QubiqTask",
+    "CaseTask",
+    "find_cases",
+    "convert_case",
+    "prepare_qubiq",
+    "configure_parser",
+    "main",
 ]
 
 
@@ -121,6 +130,7 @@ def convert_case(task: CaseTask) -> Sample:
     image_path = next((folder / name for name in ("image.nii.gz", "image.nii") if (folder / name).is_file()), None)
     if image_path is None:
         raise InputError(f"{folder}: no image.nii.gz")
+    affine: np.ndarray | None
     raw, affine = _load(image_path)
     image = _image_channels_first(raw, image_path).astype(np.float32)
     if tuple(raw.shape[:2]) != image.shape[1:]:
@@ -172,7 +182,7 @@ def find_cases(source: str | os.PathLike, task: str) -> list[tuple[str, Path]]:
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: QUBIQ folder not found")
     task_dir = source / task if (source / task).is_dir() else source
-    cases = []
+    cases: list[tuple[str, Path]] = []
     for split_dir in sorted(task_dir.iterdir()):
         split = SPLIT_FOLDERS.get(split_dir.name.lower())
         if split is None or not split_dir.is_dir():
@@ -221,13 +231,18 @@ def prepare_qubiq(
     )
     writer.check_destination()
     tasks = [
-        CaseTask(os.fspath(folder), split, task, subtask, require_raters, tuple(size) if size else None)
+        CaseTask(os.fspath(folder), split, task, subtask, require_raters, image_size(size))
         for split, folder in find_cases(source, task)
     ]
     with writer:
         for _, sample in run_tasks(
-            convert_case, tasks, describe=lambda t: t.folder, strict=strict, progress=progress,
-            desc=f"QUBIQ {task}", on_failure=summary.record_failure,
+            convert_case,
+            tasks,
+            describe=lambda t: t.folder,
+            strict=strict,
+            progress=progress,
+            desc=f"QUBIQ {task}",
+            on_failure=summary.record_failure,
         ):
             if sample.label.shape[0] != spec.raters:
                 summary.warn(
@@ -254,8 +269,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare qubiq``."""
     summary = prepare_qubiq(
-        args.source, args.out, args.task, args.subtask, args.require_raters,
-        tuple(args.size) if args.size else None, args.strict, args.overwrite, args.progress,
+        args.source,
+        args.out,
+        args.task,
+        args.subtask,
+        args.require_raters,
+        tuple(args.size) if args.size else None,
+        args.strict,
+        args.overwrite,
+        args.progress,
     )
     print(summary.format())
     print(f"wrote {args.out}")

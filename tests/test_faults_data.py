@@ -44,13 +44,13 @@ from ambiseg_monai.data.datalist import (
 )
 from ambiseg_monai.data.nifti import load_channel_first_nifti, save_channel_first_nifti
 from ambiseg_monai.engines import prepare_dataset
-from preprocessing import common
-from preprocessing.common import ImportFailedError, InputError
-from preprocessing.folder import prepare_folder, read_csv
-from preprocessing.lidc import LidcOptions, prepare_lidc
-from preprocessing.lidc_pickle import load_pickle, prepare_lidc_pickle
-from preprocessing.ms_isbi2015 import prepare_ms_isbi2015
-from preprocessing.qubiq import prepare_qubiq
+from ambiseg_monai.preprocessing import common
+from ambiseg_monai.preprocessing.common import ImportFailedError, InputError
+from ambiseg_monai.preprocessing.folder import prepare_folder, read_csv
+from ambiseg_monai.preprocessing.lidc import LidcOptions, prepare_lidc
+from ambiseg_monai.preprocessing.lidc_pickle import load_pickle, prepare_lidc_pickle
+from ambiseg_monai.preprocessing.ms_isbi2015 import prepare_ms_isbi2015
+from ambiseg_monai.preprocessing.qubiq import prepare_qubiq
 
 REPO = Path(__file__).resolve().parents[1]
 MS_SHAPE = (20, 24, 6)
@@ -281,7 +281,7 @@ def test_disk_full_in_a_worker_is_fatal_not_a_skipped_input(isbi, tmp_path, monk
 DRIVER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import preprocessing.ms_isbi2015 as ms
+import ambiseg_monai.preprocessing.ms_isbi2015 as ms
 original = ms.convert_timepoint
 
 def slow(task):  # a time point that takes long: the import is stopped while it runs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ambiseg_monai.metrics import METRIC_NAMES, AmbiguousSegmentationMetrics
-from test_metrics_functional import CASES  # noqa: E402  (hand-computed cases, tests/ is on sys.path)
+from test_metrics_functional import CASES  # hand-computed cases (tests/ is on sys.path)
 
 
 def two_batches():

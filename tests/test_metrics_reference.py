@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-# The repository root is on sys.path (pytest.ini: pythonpath = .); putting benchmarks/ itself there
-# would let benchmarks/preprocessing.py shadow the preprocessing package.
+# The repository root is on sys.path (pytest.ini: pythonpath = .): the loop reference is imported as
+# benchmarks.reference_metrics rather than by putting benchmarks/ itself on the path.
 from benchmarks import reference_metrics as ref
 from ambiseg_monai.metrics import (
     CONSENSUS_PAPER_THRESHOLDS,

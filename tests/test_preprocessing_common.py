@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ambiseg_monai.data.datalist import DatasetWriter
-from preprocessing.common import (
+from ambiseg_monai.preprocessing.common import (
     ImportFailedError,
     ImportSummary,
     InputError,

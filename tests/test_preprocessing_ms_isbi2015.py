@@ -9,7 +9,7 @@ from _fixtures_preprocessing import make_isbi_subject, save_nifti
 from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
-from preprocessing.ms_isbi2015 import prepare_ms_isbi2015
+from ambiseg_monai.preprocessing.ms_isbi2015 import prepare_ms_isbi2015
 
 SHAPE = (20, 24, 6)  # x, y, z of the fixture volumes
 

@@ -11,8 +11,8 @@ from _fixtures_preprocessing import make_qubiq_case, save_nifti
 from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
-from preprocessing.common import ImportFailedError
-from preprocessing.qubiq import prepare_qubiq
+from ambiseg_monai.preprocessing.common import ImportFailedError
+from ambiseg_monai.preprocessing.qubiq import prepare_qubiq
 
 
 def prostate_source(root, fewer_raters_case: int | None = None):
