@@ -213,7 +213,7 @@ def _referenced_ids(config: Any) -> set[str]:
 
 def _is_plain(canonical: Any) -> bool:
     """Plain data: scalars in lists and dicts, no component, expression or shared object inside; used in
-    several places it is still just a value (``eval_metrics``, an ``experiment_param`` dict)."""
+    several places it is still just a value (``eval_metrics``, ``unet_channels``)."""
     if isinstance(canonical, Mapping):
         return not ({"_target_", "$", "@shared"} & set(canonical)) and all(_is_plain(v) for v in canonical.values())
     if isinstance(canonical, list):
@@ -388,7 +388,7 @@ def canonical_config(
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature_defaults(target: str) -> dict[str, Any] | None:
     """The literal defaults of ``target``'s arguments (a class: its ``__init__``), or None when
     ``target`` cannot be located or inspected."""
@@ -426,7 +426,11 @@ def _drop_defaults(component: dict, target: str) -> dict:
         value = out.get(name, MISSING)
         if value is MISSING or not _is_literal(value) or isinstance(value, list) != isinstance(default, list):
             continue
-        same = [type(v) for v in value] == [type(d) for d in default] if isinstance(value, list) else type(value) is type(default)
+        same = (
+            [type(v) for v in value] == [type(d) for d in default]
+            if isinstance(value, list)
+            else type(value) is type(default)
+        )
         if same and value == default:
             del out[name]
     return out
@@ -556,9 +560,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--root", default=".", help="folder the %%path macros are relative to (default: the working directory)"
     )
     parser.add_argument(
-        "--merge", nargs="+", metavar="CONFIG",
+        "--merge",
+        nargs="+",
+        metavar="CONFIG",
         help="merge these config files of the bundle (in order, e.g. train.json lidc.json) into one file",
-    )  # fmt: skip
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

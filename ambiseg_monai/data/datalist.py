@@ -270,15 +270,21 @@ class _FileChecks:
         stat = file.stat()
         key = [stat.st_size, stat.st_mtime_ns]
         entry = self.known.get(relative)
-        unchanged = entry is not None and entry.get("key") == key and entry.get("kind") == kind
-        if unchanged and (entry.get("contents") or not contents):
+        if (
+            entry is not None
+            and entry.get("key") == key
+            and entry.get("kind") == kind
+            and (entry.get("contents") or not contents)
+        ):
             self.checked[relative] = entry
-            return tuple(entry["shape"])  # type: ignore[return-value]
+            channels, height, width = entry["shape"]
+            return int(channels), int(height), int(width)
         try:
             if contents:
                 self.reads += 1
                 data, _ = load_channel_first_nifti(file)
-                shape = tuple(int(v) for v in data.shape)
+                channels, height, width = data.shape  # C x H x W, checked by the loader
+                shape = (int(channels), int(height), int(width))
             else:
                 shape = nifti_channel_first_shape(file)
         except ValueError as error:
@@ -365,9 +371,7 @@ def validate_datalist(
 
     return {
         "num_items": {split: len(datalist.get(split, [])) for split in SPLITS},
-        "num_patients": {
-            split: len({str(item["patient_id"]) for item in datalist.get(split, [])}) for split in SPLITS
-        },
+        "num_patients": {split: len({str(item["patient_id"]) for item in datalist.get(split, [])}) for split in SPLITS},
         "raters": dict(sorted(rater_counts.items())),
         "files_read": checks.reads,
     }
@@ -615,9 +619,7 @@ class DatasetWriter:
             with self._output_errors():
                 self.out_dir.parent.mkdir(parents=True, exist_ok=True)
                 self._remove_abandoned()
-                self._tmp_dir = Path(
-                    tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent)
-                )
+                self._tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
                 write_json_atomic(self._tmp_dir / OWNER_FILENAME, _owner_record())
         except BaseException:
             self._cleanup()
@@ -747,7 +749,9 @@ class DatasetWriter:
             raise DatalistError(f"item {item.get('case_id', '?')!r} lacks keys {missing}")
         for key in ("image", "label"):
             if not (self.root / item[key]).is_file():
-                raise DatalistError(f"case '{item['case_id']}' ({split}): {key} file {self.root / item[key]} was not written")
+                raise DatalistError(
+                    f"case '{item['case_id']}' ({split}): {key} file {self.root / item[key]} was not written"
+                )
         self.datalist[split].append(dict(item))
         return item
 
@@ -826,7 +830,7 @@ def split_patients(
             counts[index] += 1
     assignment: dict[str, str] = {}
     start = 0
-    for split, count in zip(SPLITS, counts):
+    for split, count in zip(SPLITS, counts, strict=True):
         for position in order[start : start + count]:
             assignment[patients[position]] = split
         start += count

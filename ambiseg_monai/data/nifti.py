@@ -67,7 +67,8 @@ def nifti_channel_first_shape(path: str | os.PathLike) -> tuple[int, int, int]:
         raise
     except Exception as error:
         raise ValueError(f"{path}: cannot read NIfTI header ({error})") from error
-    return _to_channel_first(np.empty(shape, dtype=np.uint8), path).shape  # type: ignore[return-value]
+    channels, height, width = _to_channel_first(np.empty(shape, dtype=np.uint8), path).shape
+    return int(channels), int(height), int(width)
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:

@@ -178,7 +178,9 @@ class LoadTruthd(MapTransform):
                 if lobes
                 else np.zeros((0, *modes.shape[1:]), dtype=bool)
             )
-            d[f"{self.prefix}regions"], d[f"{self.prefix}region_mask"] = self._pad(regions, self.max_regions, "regions", source)
+            d[f"{self.prefix}regions"], d[f"{self.prefix}region_mask"] = self._pad(
+                regions, self.max_regions, "regions", source
+            )
             q = torch.zeros(self.max_regions, dtype=torch.float64)
             q[: len(lobes)] = torch.as_tensor(lobes, dtype=torch.float64)
             d[f"{self.prefix}region_probabilities"] = q
@@ -200,7 +202,7 @@ class SelectRandomRater(RandomizableTransform):
         RandomizableTransform.__init__(self, prob=1.0)
         self.last_rater = 0
 
-    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:  # type: ignore[override]
+    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:
         self.last_rater = int(self.R.choice(_real_rater_indices(num_channels, rater_mask)))
 
     def __call__(self, raters: ArrayLike, rater_mask: ArrayLike | None = None, randomize: bool = True) -> ArrayLike:
@@ -230,8 +232,10 @@ class MeanRaters(Transform):
         _check_stack(raters, type(self).__name__)
         indices = _real_rater_indices(raters.shape[0], rater_mask)
         selected = raters[torch.as_tensor(indices) if isinstance(raters, torch.Tensor) else indices]
-        return selected.float().mean(0, keepdim=True) if isinstance(selected, torch.Tensor) else (
-            selected.astype(np.float32).mean(0, keepdims=True)
+        return (
+            selected.float().mean(0, keepdim=True)
+            if isinstance(selected, torch.Tensor)
+            else (selected.astype(np.float32).mean(0, keepdims=True))
         )
 
 
@@ -266,7 +270,7 @@ class RandomConsensusLevel(RandomizableTransform):
         self.last_level = 1
         self.consensus = ConsensusLevel()
 
-    def randomize(self, num_raters: int) -> None:  # type: ignore[override]
+    def randomize(self, num_raters: int) -> None:
         self.last_level = int(self.R.randint(1, num_raters + 1))
 
     def __call__(self, raters: ArrayLike, num_raters: int | None = None, randomize: bool = True) -> ArrayLike:
@@ -316,8 +320,8 @@ class PadRaters(Transform):
         if isinstance(raters, torch.Tensor):
             padding = raters.new_zeros((self.num_raters - count, *raters.shape[1:]))
             return torch.cat([raters, padding], 0), mask
-        padding = np.zeros((self.num_raters - count, *raters.shape[1:]), dtype=raters.dtype)
-        return np.concatenate([raters, padding], 0), mask
+        empty = np.zeros((self.num_raters - count, *raters.shape[1:]), dtype=raters.dtype)
+        return np.concatenate([raters, empty], 0), mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +358,7 @@ class SelectRandomRaterd(_LabelStrategyd, RandomizableTransform):
         self.rater_mask_key = rater_mask_key
         self.last_rater = 0
 
-    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:  # type: ignore[override]
+    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:
         self.last_rater = int(self.R.choice(_real_rater_indices(num_channels, rater_mask)))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -388,7 +392,7 @@ class SelectRaterd(SelectRandomRaterd):
         super().__init__(keys, output_key, rater_id_key, rater_mask_key, allow_missing_keys)
         self.rater = rater
 
-    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:  # type: ignore[override]
+    def randomize(self, num_channels: int, rater_mask: ArrayLike | None = None) -> None:
         if self.rater is None:
             super().randomize(num_channels, rater_mask)
         else:
@@ -442,7 +446,7 @@ class RandomConsensusLeveld(_LabelStrategyd, RandomizableTransform):
         self.rater_mask_key = rater_mask_key
         self.last_level = 1
 
-    def randomize(self, num_raters: int) -> None:  # type: ignore[override]
+    def randomize(self, num_raters: int) -> None:
         self.last_level = int(self.R.randint(1, num_raters + 1))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

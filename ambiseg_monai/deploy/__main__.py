@@ -31,8 +31,11 @@ def ensure_stack_size(argv: Sequence[str]) -> None:
         return
     target = STACK_BYTES if hard == resource.RLIM_INFINITY else min(STACK_BYTES, hard)
     if target <= soft:
-        print(f"ambiseg-deploy: warning: stack limit {soft // 1024} KiB is below the 32 MiB Holoscan needs and "
-              "cannot be raised (hard limit); run `ulimit -s 32768` first.", file=sys.stderr)
+        print(
+            f"ambiseg-deploy: warning: stack limit {soft // 1024} KiB is below the 32 MiB Holoscan needs and "
+            "cannot be raised (hard limit); run `ulimit -s 32768` first.",
+            file=sys.stderr,
+        )
         return
     resource.setrlimit(resource.RLIMIT_STACK, (target, hard))
     os.environ[_REEXEC_MARKER] = "1"
@@ -48,20 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
         "a DICOM SEG with N plausible masks + consensus, NIfTI mean and variance maps.",
     )
     env = os.environ.get
-    parser.add_argument("-i", "--input", default=env("HOLOSCAN_INPUT_PATH", "input"),
-                        help="DICOM folder or NIfTI file (default: $HOLOSCAN_INPUT_PATH or ./input)")
-    parser.add_argument("-o", "--output", default=env("HOLOSCAN_OUTPUT_PATH", "output"),
-                        help="output folder (default: $HOLOSCAN_OUTPUT_PATH or ./output)")
-    parser.add_argument("-m", "--model", default=env("HOLOSCAN_MODEL_PATH", "models"),
-                        help="exported model.ts or a folder with one (default: $HOLOSCAN_MODEL_PATH or ./models)")
+    parser.add_argument(
+        "-i",
+        "--input",
+        default=env("HOLOSCAN_INPUT_PATH", "input"),
+        help="DICOM folder or NIfTI file (default: $HOLOSCAN_INPUT_PATH or ./input)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=env("HOLOSCAN_OUTPUT_PATH", "output"),
+        help="output folder (default: $HOLOSCAN_OUTPUT_PATH or ./output)",
+    )
+    parser.add_argument(
+        "-m",
+        "--model",
+        default=env("HOLOSCAN_MODEL_PATH", "models"),
+        help="exported model.ts or a folder with one (default: $HOLOSCAN_MODEL_PATH or ./models)",
+    )
     parser.add_argument("--slices", default="all", help="'all' or 0-based slice indices/ranges, e.g. '0,3,5-7'")
     parser.add_argument("--num-samples", type=int, help="N plausible masks per slice (default: the bundle's)")
     parser.add_argument("--num-inference-steps", type=int, help="diffusion sampling steps (default: the bundle's)")
     parser.add_argument("--class-label", type=int, help="class label for level / rater conditioned models")
     parser.add_argument("--batch-size", type=int, default=4, help="slices per inferer call")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("-l", "--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "-l", "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     return parser
 
 
@@ -76,8 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ambiseg_monai.deploy.app import DeploySettings, run_application
 
     settings = DeploySettings(
-        input=args.input, output=args.output, model=args.model, slices=args.slices, num_samples=args.num_samples,
-        num_inference_steps=args.num_inference_steps, class_label=args.class_label, batch_size=args.batch_size,
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        slices=args.slices,
+        num_samples=args.num_samples,
+        num_inference_steps=args.num_inference_steps,
+        class_label=args.class_label,
+        batch_size=args.batch_size,
         device=args.device,
     )
     try:

@@ -61,7 +61,7 @@ def _call_with_stack(function: Callable[[], None], stack_bytes: int) -> None:
     def target() -> None:
         try:
             function()
-        except BaseException as error:  # handed to the calling thread
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread, which re-raises it
             errors.append(error)
 
     previous = threading.stack_size(stack_bytes)
@@ -116,9 +116,15 @@ class AmbiguousSegmentationApp(Application):
     def compose(self):
         s = self.settings
         inference = AmbiguousSegmentationOperator(
-            self, model_path=s.model, slices=s.slices, num_samples=s.num_samples,
-            num_inference_steps=s.num_inference_steps, class_label=s.class_label,
-            batch_size=s.batch_size, device=s.device, name="ambiguous_segmentation",
+            self,
+            model_path=s.model,
+            slices=s.slices,
+            num_samples=s.num_samples,
+            num_inference_steps=s.num_inference_steps,
+            class_label=s.class_label,
+            batch_size=s.batch_size,
+            device=s.device,
+            name="ambiguous_segmentation",
         )
         maps_writer = NiftiMapsWriterOperator(
             self, output_folder=s.output, write_masks=self.input_kind == "nifti", name="nifti_maps_writer"
@@ -127,7 +133,9 @@ class AmbiguousSegmentationApp(Application):
             loader = NiftiVolumeLoaderOperator(self, CountCondition(self, 1), input_path=s.input, name="nifti_loader")
             self.add_flow(loader, inference, {("image", "image")})
         else:
-            loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=Path(s.input), name="dicom_loader")
+            loader = DICOMDataLoaderOperator(
+                self, CountCondition(self, 1), input_folder=Path(s.input), name="dicom_loader"
+            )
             selector = ModalitySeriesSelectorOperator(self, modalities=inference.modalities, name="series_selector")
             volume = SeriesVolumeOperator(self, name="series_to_volume")
             seg_writer = DICOMSegWriterOperator(self, output_folder=s.output, name="dicom_seg_writer")

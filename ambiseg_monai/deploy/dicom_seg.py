@@ -51,7 +51,9 @@ def build_ambiguous_segmentation(
     samples = np.asarray(samples)
     consensus = np.asarray(consensus)
     if samples.ndim != 4 or consensus.shape != (samples.shape[0], *samples.shape[2:]):
-        raise ValueError(f"samples must be S x N x H x W and consensus S x H x W; got {samples.shape}, {consensus.shape}.")
+        raise ValueError(
+            f"samples must be S x N x H x W and consensus S x H x W; got {samples.shape}, {consensus.shape}."
+        )
     if len(source_datasets) != samples.shape[0]:
         raise ValueError(f"{len(source_datasets)} source slices for {samples.shape[0]} predicted slices.")
     rows, columns = int(source_datasets[0].Rows), int(source_datasets[0].Columns)

@@ -67,8 +67,10 @@ class ExportReport:
     sample_agreement: float | None = None
 
     def summary(self) -> str:
-        lines = [f"exported {self.kind} model to {self.path}",
-                 f"traced vs eager: max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})"]
+        lines = [
+            f"exported {self.kind} model to {self.path}",
+            f"traced vs eager: max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})",
+        ]
         lines += [f"  {name}: {value:.3g}" for name, value in self.checks.items()]
         if self.sample_agreement is not None:
             lines.append(f"sampler on exported vs eager model: {100 * self.sample_agreement:.2f}% equal mask pixels")
@@ -90,7 +92,9 @@ def default_config_files(bundle_root: Path) -> list[Path]:
 
 
 def _bundle_parser(
-    bundle_root: Path, config_files: Sequence[str | os.PathLike] | None, meta_file: str | os.PathLike | None,
+    bundle_root: Path,
+    config_files: Sequence[str | os.PathLike] | None,
+    meta_file: str | os.PathLike | None,
     overrides: Mapping[str, Any] | None,
 ) -> ConfigParser:
     configs = [Path(c) for c in (config_files or default_config_files(bundle_root))]
@@ -130,7 +134,7 @@ def _load_checkpoint(network: torch.nn.Module, ckpt_file: Path, key_in_ckpt: str
             )
         state = checkpoint[found[0]]
     # weights saved from DistributedDataParallel carry a "module." prefix
-    state = {(k[len("module."):] if k.startswith("module.") and k not in expected else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") and k not in expected else k): v for k, v in state.items()}
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -153,7 +157,7 @@ class _RecordingDenoiser(torch.nn.Module):
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
-        self.network = network
+        self.network: Any = network  # the eager denoiser: encode_condition() and forward()
         self.encode_inputs: torch.Tensor | None = None
         self.step_inputs: tuple | None = None
 
@@ -173,7 +177,7 @@ class _DenoiserForTrace(torch.nn.Module):
 
     def __init__(self, network: torch.nn.Module, uses_class_labels: bool) -> None:
         super().__init__()
-        self.network = network
+        self.network: Any = network  # a denoiser: encode_condition() and forward()
         self.uses_class_labels = uses_class_labels
 
     def forward(self, x_t, timesteps, cond, class_labels=None):
@@ -186,7 +190,7 @@ class _DenoiserForTrace(torch.nn.Module):
 class _LatentSamplerForTrace(torch.nn.Module):
     def __init__(self, network: torch.nn.Module, num_samples: int) -> None:
         super().__init__()
-        self.network = network
+        self.network: Any = network  # a latent-variable model: sample()
         self.num_samples = num_samples
 
     def forward(self, image):
@@ -252,7 +256,7 @@ def _trace_denoiser(network, inferer, image, class_label, generator) -> tuple[to
     fresh_args = fresh_step[:3] + ((fresh_step[3],) if uses_class_labels else ())
     checks = {
         "recorded sampling step": _max_abs_diff(eager(*step_args), traced(*step_args)),
-        "random step (batch %d)" % fresh_step[0].shape[0]: _max_abs_diff(eager(*fresh_args), traced(*fresh_args)),
+        f"random step (batch {fresh_step[0].shape[0]})": _max_abs_diff(eager(*fresh_args), traced(*fresh_args)),
         "encode_condition": _max_abs_diff(eager.encode_condition(fresh_image), traced.encode_condition(fresh_image)),
     }
     return traced, checks, {"uses_class_labels": uses_class_labels}
@@ -345,7 +349,9 @@ def export_bundle(
             raise ValueError(f"the bundle config has no '{config_id}' (configs: {configs_read}).")
     if ckpt_file is None:
         # the bundle's own checkpoint path (our inference configs define `ckpt_path`), else models/model.pt
-        ckpt_file = parser.get_parsed_content("ckpt_path") if "ckpt_path" in parser else bundle_root / "models" / "model.pt"
+        ckpt_file = (
+            parser.get_parsed_content("ckpt_path") if "ckpt_path" in parser else bundle_root / "models" / "model.pt"
+        )
     metadata = dict(parser.get("_meta_") or {})
     metadata.setdefault("version", "0.0.0")
     # a short name for the algorithm in the DICOM SEG (a DICOM LO value: at most 64 characters)
@@ -359,7 +365,7 @@ def export_bundle(
     network = network.to(device).eval()
     inferer = parser.get_parsed_content(inferer_id, instantiate=True)
 
-    channels = int(image_channels or image_format.get("num_channels") or getattr(network, "image_channels", 1))
+    channels = int(image_channels or image_format.get("num_channels", 0) or getattr(network, "image_channels", 1))
     accepted = [m.upper() for m in (modalities or _as_list(image_format.get("modality")) or ["CT", "MR"])]
     spec = intensity_spec(
         intensity or image_format.get("preprocessing", {}).get("intensity") or default_intensity_spec(accepted)
@@ -410,7 +416,9 @@ def export_bundle(
         tmp_path = tmp.name
     try:
         save_net_with_metadata(
-            traced, tmp_path, meta_values=metadata,
+            traced,
+            tmp_path,
+            meta_values=metadata,
             more_extra_files={INFERENCE_CONFIG_FILE: json.dumps(config).encode()},
         )
         report = ExportReport(str(out), kind, max_diff, tolerance, checks)
@@ -485,26 +493,58 @@ def _override(text: str) -> tuple[str, Any]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ambiseg export``."""
-    parser.add_argument("--bundle-root", required=True, help="bundle folder (configs/inference.json, configs/metadata.json)")
+    parser.add_argument(
+        "--bundle-root", required=True, help="bundle folder (configs/inference.json, configs/metadata.json)"
+    )
     parser.add_argument("--out", required=True, help="TorchScript file to write (e.g. models/model.ts)")
-    parser.add_argument("--ckpt-file", help="trained weights (default: the config's ckpt_path, else BUNDLE_ROOT/models/model.pt)")
-    parser.add_argument("--config-file", nargs="+",
-                        help="config file(s), in order (default: BUNDLE_ROOT/configs/train.json if present, then inference.json)")
+    parser.add_argument(
+        "--ckpt-file", help="trained weights (default: the config's ckpt_path, else BUNDLE_ROOT/models/model.pt)"
+    )
+    parser.add_argument(
+        "--config-file",
+        nargs="+",
+        help="config file(s), in order (default: BUNDLE_ROOT/configs/train.json if present, then inference.json)",
+    )
     parser.add_argument("--meta-file", help="bundle metadata (default: BUNDLE_ROOT/configs/metadata.json)")
     parser.add_argument("--key-in-ckpt", help="key of the network weights in a nested checkpoint (default: auto)")
-    parser.add_argument("--override", type=_override, action="append", default=[], metavar="ID=VALUE",
-                        help="config override, VALUE in JSON (repeatable), e.g. inferer#num_samples=8")
+    parser.add_argument(
+        "--override",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="config override, VALUE in JSON (repeatable), e.g. inferer#num_samples=8",
+    )
     parser.add_argument("--network-id", default="network_def")
-    parser.add_argument("--inferer-id", help=f"config id of the N-sample inferer (default: first of {', '.join(INFERER_IDS)})")
-    parser.add_argument("--spatial-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="model input size (default: from the bundle metadata)")
+    parser.add_argument(
+        "--inferer-id", help=f"config id of the N-sample inferer (default: first of {', '.join(INFERER_IDS)})"
+    )
+    parser.add_argument(
+        "--spatial-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="model input size (default: from the bundle metadata)",
+    )
     parser.add_argument("--image-channels", type=int)
-    parser.add_argument("--modality", nargs="+", help="modalities the deploy app accepts (default: metadata, else CT MR)")
+    parser.add_argument(
+        "--modality", nargs="+", help="modalities the deploy app accepts (default: metadata, else CT MR)"
+    )
     norm = parser.add_mutually_exclusive_group()
-    norm.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                      help="intensity window in scanner units (HU for CT) mapped to [0, 1]")
-    norm.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                      help="per-slice percentile min-max normalisation to [0, 1]")
+    norm.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="intensity window in scanner units (HU for CT) mapped to [0, 1]",
+    )
+    norm.add_argument(
+        "--percentiles",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="per-slice percentile min-max normalisation to [0, 1]",
+    )
     norm.add_argument("--no-normalisation", action="store_true", help="images are used as they are")
     parser.add_argument("--class-label", type=int, help="class label for models conditioned on a level / rater id")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference traced vs eager")
@@ -524,12 +564,25 @@ def main(args: argparse.Namespace) -> int:
     elif args.no_normalisation:
         intensity = {"mode": "none"}
     report = export_bundle(
-        args.bundle_root, args.out, ckpt_file=args.ckpt_file, config_files=args.config_file,
-        meta_file=args.meta_file, overrides=dict(args.override), key_in_ckpt=args.key_in_ckpt,
-        network_id=args.network_id, inferer_id=args.inferer_id, spatial_shape=args.spatial_size,
-        image_channels=args.image_channels, modalities=args.modality, intensity=intensity,
-        class_label=args.class_label, tolerance=args.tolerance, check_sampling=args.check_sampling,
-        seed=args.seed, overwrite=args.overwrite, device=args.device,
+        args.bundle_root,
+        args.out,
+        ckpt_file=args.ckpt_file,
+        config_files=args.config_file,
+        meta_file=args.meta_file,
+        overrides=dict(args.override),
+        key_in_ckpt=args.key_in_ckpt,
+        network_id=args.network_id,
+        inferer_id=args.inferer_id,
+        spatial_shape=args.spatial_size,
+        image_channels=args.image_channels,
+        modalities=args.modality,
+        intensity=intensity,
+        class_label=args.class_label,
+        tolerance=args.tolerance,
+        check_sampling=args.check_sampling,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        device=args.device,
     )
     print(report.summary())
     return 0

@@ -163,7 +163,8 @@ class ExportedBundle:
     @property
     def spatial_shape(self) -> tuple[int, int]:
         """H x W the model was trained (and is run) at."""
-        return tuple(int(s) for s in self.export["spatial_shape"])  # type: ignore[return-value]
+        height, width = self.export["spatial_shape"]
+        return int(height), int(width)
 
     @property
     def image_channels(self) -> int:
@@ -190,6 +191,8 @@ def load_exported_bundle(path: str | os.PathLike, device: str | torch.device = "
         )
     except RuntimeError as error:
         raise ValueError(f"{path} is not a TorchScript model file ({str(error).splitlines()[0]}).") from error
+    if not isinstance(traced, torch.jit.ScriptModule):
+        raise ValueError(f"{path} holds a {type(traced).__name__}, not a TorchScript module.")
     export = metadata.get(EXPORT_KEY)
     if not isinstance(export, dict):
         raise ValueError(
@@ -205,7 +208,8 @@ def load_exported_bundle(path: str | os.PathLike, device: str | torch.device = "
     if torch.device(device).type != traced_on:
         raise ValueError(
             f"{path} was traced on {traced_on} and cannot run on {torch.device(device)} (a trace bakes in the device "
-            f"of tensors the network creates); export it again with `ambiseg export ... --device {torch.device(device).type}`."
+            f"of tensors the network creates); export it again with "
+            f"`ambiseg export ... --device {torch.device(device).type}`."
         )
     raw_config = extra.get(INFERENCE_CONFIG_FILE) or ""
     if not raw_config:

@@ -35,7 +35,8 @@ class InputDescription:
 
 
 def _dicom_headers(folder: Path) -> tuple[list[pydicom.Dataset], int]:
-    headers, looked_at = [], 0
+    headers: list[pydicom.Dataset] = []
+    looked_at = 0
     for root, _, files in os.walk(folder):
         for name in sorted(files):
             looked_at += 1
@@ -63,7 +64,9 @@ def describe_input(path: str | os.PathLike, modalities: list[str] | tuple[str, .
         raise FileNotFoundError(f"input not found: {path}")
     if path.is_file():
         if not is_nifti_path(path):
-            raise ValueError(f"input {path} is a file but not NIfTI (.nii/.nii.gz); give a NIfTI file or a DICOM folder.")
+            raise ValueError(
+                f"input {path} is a file but not NIfTI (.nii/.nii.gz); give a NIfTI file or a DICOM folder."
+            )
         return InputDescription("nifti", path)
     headers, looked_at = _dicom_headers(path)
     if not headers:

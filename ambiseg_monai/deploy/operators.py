@@ -90,8 +90,12 @@ class ModalitySeriesSelectorOperator(DICOMSeriesSelectorOperator):
             ]
             raise ValueError(f"no {'/'.join(self.modalities)} series in the input study; found {found or 'no series'}.")
         series = selected[0].selected_series[0].series
-        logger.info("selected series %s (%s, %d instances)", series.SeriesInstanceUID, series.Modality,
-                    len(series.get_sop_instances()))
+        logger.info(
+            "selected series %s (%s, %d instances)",
+            series.SeriesInstanceUID,
+            series.Modality,
+            len(series.get_sop_instances()),
+        )
         op_output.emit(selected, self.output_name_selected_series)
 
 
@@ -100,6 +104,8 @@ class SeriesVolumeOperator(DICOMSeriesToVolumeOperator):
 
     def convert_to_image(self, study_selected_series_list):
         image = super().convert_to_image(study_selected_series_list)
+        if image is None:
+            raise ValueError("the selected DICOM series holds no image to segment")
         instances = _selected_series(study_selected_series_list).get_sop_instances()  # sorted by the SDK
         image.metadata()["affine"] = series_affine([i.get_native_sop_instance() for i in instances])
         return image
@@ -151,8 +157,12 @@ class AmbiguousSegmentationOperator(Operator):
         **kwargs,
     ):
         self.predictor = AmbiguousSlicePredictor(
-            model_path, num_samples=num_samples, num_inference_steps=num_inference_steps,
-            class_label=class_label, batch_size=batch_size, device=device,
+            model_path,
+            num_samples=num_samples,
+            num_inference_steps=num_inference_steps,
+            class_label=class_label,
+            batch_size=batch_size,
+            device=device,
         )
         self.slices = slices
         super().__init__(fragment, *args, **kwargs)
@@ -176,8 +186,10 @@ class AmbiguousSegmentationOperator(Operator):
             {
                 "prediction": prediction,
                 "affine": np.asarray(metadata.get("affine") if metadata.get("affine") is not None else np.eye(4)),
-                "model": {"name": str(bundle.export.get("bundle_name", "ambiseg"))[:64],
-                          "version": str(bundle.metadata.get("version", "0"))[:64]},
+                "model": {
+                    "name": str(bundle.export.get("bundle_name", "ambiseg"))[:64],
+                    "version": str(bundle.metadata.get("version", "0"))[:64],
+                },
             },
             "prediction",
         )
@@ -204,8 +216,11 @@ class DICOMSegWriterOperator(Operator):
         instances = series.get_sop_instances()
         sources = [instances[k].get_native_sop_instance() for k in prediction.slice_indices]
         seg = build_ambiguous_segmentation(
-            sources, prediction.samples, prediction.consensus,
-            algorithm_name=result["model"]["name"], algorithm_version=result["model"]["version"],
+            sources,
+            prediction.samples,
+            prediction.consensus,
+            algorithm_name=result["model"]["name"],
+            algorithm_version=result["model"]["version"],
         )
         self.output_folder.mkdir(parents=True, exist_ok=True)
         path = self.output_folder / SEG_FILENAME
@@ -223,7 +238,9 @@ class NiftiMapsWriterOperator(Operator):
     Named input ``prediction``.
     """
 
-    def __init__(self, fragment: Fragment, *args, output_folder: str | os.PathLike, write_masks: bool = False, **kwargs):
+    def __init__(
+        self, fragment: Fragment, *args, output_folder: str | os.PathLike, write_masks: bool = False, **kwargs
+    ):
         self.output_folder = Path(output_folder)
         self.write_masks = bool(write_masks)
         super().__init__(fragment, *args, **kwargs)
@@ -241,7 +258,9 @@ class NiftiMapsWriterOperator(Operator):
         if self.write_masks:
             samples = prediction.full_volume(prediction.samples.transpose(0, 2, 3, 1))  # D x H x W x N
             write_nifti_volume(self.output_folder / SAMPLES_FILENAME, samples, affine)
-            write_nifti_volume(self.output_folder / CONSENSUS_FILENAME, prediction.full_volume(prediction.consensus), affine)
+            write_nifti_volume(
+                self.output_folder / CONSENSUS_FILENAME, prediction.full_volume(prediction.consensus), affine
+            )
             files.update(samples=SAMPLES_FILENAME, consensus=CONSENSUS_FILENAME)
         summary: dict[str, Any] = {
             "model": result["model"],

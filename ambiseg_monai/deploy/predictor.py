@@ -38,7 +38,9 @@ def inferer_samples(output: Any) -> torch.Tensor:
                 return output[key]
         raise ValueError(f"the inferer returned a dict without 'pred' or 'samples' (keys {sorted(output)}).")
     if not isinstance(output, torch.Tensor) or output.ndim != 4:
-        raise ValueError(f"the inferer must return B x N x H x W samples, got {getattr(output, 'shape', type(output))}.")
+        raise ValueError(
+            f"the inferer must return B x N x H x W samples, got {getattr(output, 'shape', type(output))}."
+        )
     return output
 
 
@@ -161,5 +163,5 @@ class AmbiguousSlicePredictor:
             consensus=consensus_mask(all_samples).numpy(),
             mean=torch.cat(means)[:, 0].clamp(0, 1).numpy().astype(np.float32),
             variance=torch.cat(variances)[:, 0].clamp(0, 0.25).numpy().astype(np.float32),
-            volume_shape=tuple(int(s) for s in volume.shape),  # type: ignore[arg-type]
+            volume_shape=(int(volume.shape[0]), int(volume.shape[1]), int(volume.shape[2])),
         )

@@ -6,7 +6,7 @@ slice is
 1. normalised to [0, 1] as the training data were (:func:`normalise_intensity`): for CT the HU window
    of the LIDC importer (HU clipped to [low, high], scaled linearly; default [-1000, 400]); for other
    modalities a per-slice percentile min-max (clip to the [low, high] percentiles, scale), like
-   ``preprocessing.common.normalise_minmax``; or nothing (``mode "none"``) for data already in [0, 1];
+   ``ambiseg_monai.preprocessing.common.normalise_minmax``; or nothing (``mode "none"``) for data already in [0, 1];
 2. resampled (bilinear) to the model's spatial shape H' x W';
 
 and the model's outputs come back to the slice grid H x W: binary masks with nearest-neighbour
@@ -134,7 +134,8 @@ def parse_slice_selection(selection: str | Sequence[int] | None, num_slices: int
                     indices.append(int(part))
             except ValueError:
                 raise ValueError(
-                    f"bad slice selection {selection!r}: use 'all' or comma-separated indices and ranges like '0,3,5-7'."
+                    f"bad slice selection {selection!r}: use 'all' or comma-separated indices and ranges "
+                    "like '0,3,5-7'."
                 ) from None
     else:
         indices = [int(i) for i in selection]

@@ -82,7 +82,7 @@ class ContinuousVPSchedule:
             raise ValueError(f"input_scale (b) must lie in (0, 1], got {input_scale}.")
         if (logsnr_min is None) != (logsnr_max is None):
             raise ValueError("give both logsnr_min and logsnr_max (clipping) or neither (no clipping).")
-        if logsnr_min is not None and not float(logsnr_min) < float(logsnr_max):  # type: ignore[arg-type]
+        if logsnr_min is not None and logsnr_max is not None and not float(logsnr_min) < float(logsnr_max):
             raise ValueError(f"logsnr_min must be below logsnr_max, got {logsnr_min} and {logsnr_max}.")
         if logsnr_max is not None and float(logsnr_max) > 36.0:
             # sigmoid(36) rounds to 1 in float64: σ(0) would be 0 and the clipping would be void
@@ -92,12 +92,12 @@ class ContinuousVPSchedule:
         self.logsnr_min = None if logsnr_min is None else float(logsnr_min)
         self.logsnr_max = None if logsnr_max is None else float(logsnr_max)
         self._base_gamma = GAMMA_SCHEDULES[schedule]
-        if self.logsnr_min is None:
+        if self.logsnr_min is None or self.logsnr_max is None:  # both or neither (checked above)
             self._slope, self._offset = 1.0, 0.0
         else:
             # γ_b(0) = 1 and γ_b(1) = 0 are mapped to sigmoid(logsnr_max) and sigmoid(logsnr_min)
             low = 1.0 / (1.0 + math.exp(-self.logsnr_min))
-            high = 1.0 / (1.0 + math.exp(-self.logsnr_max))  # type: ignore[operator]
+            high = 1.0 / (1.0 + math.exp(-self.logsnr_max))
             self._slope, self._offset = high - low, low
 
     def input_scaled_gamma(self, t: torch.Tensor | float) -> torch.Tensor:
@@ -204,9 +204,7 @@ class ContinuousTimeScheduler:
         """(B,) γ(t) = α(t)², float64 on ``timesteps``' device."""
         return torch.as_tensor(self.schedule.gamma(timesteps.detach().double())).to(timesteps.device)
 
-    def coefficients(
-        self, timesteps: torch.Tensor | float, like: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, timesteps: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α(t), σ(t)) per row in ``like``'s dtype: B x 1 x ... x 1, or a 0-dim CPU tensor for one time."""
         t = _as_time(timesteps).reshape(-1)
         return _per_row(self.schedule.alpha(t), like), _per_row(self.schedule.sigma(t), like)

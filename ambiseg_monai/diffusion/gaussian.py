@@ -42,7 +42,9 @@ class GaussianChain:
         self.betas = 1.0 - abar / self.alphas_cumprod_prev
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - abar)
         first_nonzero = self.posterior_variance[1] if abar.numel() > 1 else self.betas[0]
-        self.posterior_log_variance_clipped = torch.log(torch.cat([first_nonzero.reshape(1), self.posterior_variance[1:]]))
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([first_nonzero.reshape(1), self.posterior_variance[1:]])
+        )
         self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * (1.0 - self.betas).sqrt() / (1.0 - abar)
         self.log_betas = self.betas.log()
@@ -72,9 +74,10 @@ class GaussianChain:
 
     def posterior_mean(self, x0: torch.Tensor, xt: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
         """Mean of ``q(x_{i-1} | x_i, x_0)``; same shape as ``x0``."""
-        return self.gather(self.posterior_mean_coef_x0, index, x0) * x0 + self.gather(
-            self.posterior_mean_coef_xt, index, xt
-        ) * xt
+        return (
+            self.gather(self.posterior_mean_coef_x0, index, x0) * x0
+            + self.gather(self.posterior_mean_coef_xt, index, xt) * xt
+        )
 
     def coefficients(self, index: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α, σ) = (sqrt(ᾱ), sqrt(1 - ᾱ)) at step(s) ``index``, in ``like``'s dtype, as :meth:`gather` shapes them.

@@ -91,9 +91,13 @@ class DiffusionLoss(torch.nn.Module):
         terms = {k: v for k, v in pred.items() if k.startswith("l_")}
         unknown = sorted(set(terms) - set(self.weights))
         if unknown:
-            raise ValueError(f"loss terms {unknown} have no weight; pass them in term_weights (known: {sorted(self.weights)}).")
+            raise ValueError(
+                f"loss terms {unknown} have no weight; pass them in term_weights (known: {sorted(self.weights)})."
+            )
         if "l_simple" not in terms:
-            raise ValueError("the prediction dict has no 'l_simple' term; use DiffusionTrainingInferer as the trainer's inferer.")
+            raise ValueError(
+                "the prediction dict has no 'l_simple' term; use DiffusionTrainingInferer as the trainer's inferer."
+            )
         total = torch.zeros_like(terms["l_simple"])
         for name, value in terms.items():
             total = total + self.weights[name] * value

@@ -60,10 +60,14 @@ def rater_posterior_target(
     batch = x_t.shape[0]
     gamma = signal_variance.reshape(batch, 1).double()
     masks = 2.0 * raters.reshape(batch, raters.shape[1], -1).double() - 1.0
-    present = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device) if rater_mask is None else rater_mask.bool()
+    present = (
+        torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device) if rater_mask is None else rater_mask.bool()
+    )
     if not bool(present.any(dim=1).all()):
         raise ValueError("rater_posterior_target: an image has no rater (its rater_mask row is all False).")
-    log_weights = torch.zeros(present.shape, dtype=torch.float64, device=masks.device).masked_fill(~present, float("-inf"))
+    log_weights = torch.zeros(present.shape, dtype=torch.float64, device=masks.device).masked_fill(
+        ~present, float("-inf")
+    )
     # float64: at small t, α <x_t, m_k> / σ² reaches 1e6 and the softmax must still pick the right rater
     target = mixture_posterior_mean(x_t.reshape(batch, -1).double(), masks, log_weights, gamma.sqrt(), 1.0 - gamma)
     return target.reshape(x_t.shape).float()

@@ -61,6 +61,9 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
     the condition is ignored (the mixture is the same for every image).
     """
 
+    modes: torch.Tensor  # buffer: L x K x D
+    log_probabilities: torch.Tensor  # buffer: L x K
+
     def __init__(
         self,
         modes: torch.Tensor,
@@ -117,7 +120,9 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
         alpha, variance = gamma.sqrt(), 1.0 - gamma
         labels = torch.zeros(batch, dtype=torch.long) if class_labels is None else class_labels.reshape(-1).long().cpu()
         if int(labels.max()) >= self.modes.shape[0]:
-            raise ValueError(f"class label {int(labels.max())} has no mixture (the oracle holds {self.modes.shape[0]}).")
+            raise ValueError(
+                f"class label {int(labels.max())} has no mixture (the oracle holds {self.modes.shape[0]})."
+            )
         modes = self.modes[labels]  # B x K x D
         x = x_t.detach().double().cpu().reshape(batch, -1)
         return mixture_posterior_mean(x, modes, self.log_probabilities[labels], alpha, variance).reshape(

@@ -113,7 +113,7 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], like
     """
     pinned = like.device.type == "cuda"
     buffer = torch.empty((len(generators), *shape), pin_memory=pinned)
-    for row, generator in zip(buffer, generators):
+    for row, generator in zip(buffer, generators, strict=True):
         torch.randn(tuple(shape), generator=generator, out=row)
     return buffer.to(device=like.device, dtype=like.dtype, non_blocking=pinned)
 

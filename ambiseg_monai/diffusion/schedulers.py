@@ -72,7 +72,7 @@ class _RespacedMixin:
     num_train_timesteps: int
     prediction_type: str
     clip_sample: bool
-    clip_sample_values: tuple[float, float]
+    clip_sample_values: list[float]  # [min, max], as MONAI's schedulers set it
 
     # ---------------------------------------------------------------- training side
     @property
@@ -83,7 +83,8 @@ class _RespacedMixin:
     def sample_timesteps(
         self, batch: int, device: str | torch.device | None = None, stratified: bool = False
     ) -> torch.Tensor:
-        """(B,) training steps, uniform in ``[0, num_train_timesteps)``; ``stratified``: one per stratum of the batch."""
+        """(B,) training steps, uniform in ``[0, num_train_timesteps)``; ``stratified``: one per stratum of
+        the batch."""
         if stratified:
             steps = (sample_training_times(batch, True, device) * self.num_train_timesteps).long()
             return steps.clamp(max=self.num_train_timesteps - 1)
@@ -103,14 +104,16 @@ class _RespacedMixin:
     def _build_training_chain(self) -> None:
         self.train_chain = GaussianChain(self.alphas_cumprod.detach().cpu().double())
 
-    def _respace(self, num_inference_steps: int, device: str | torch.device | None) -> None:
+    def _respace(self, num_inference_steps: int, device: str | torch.device | None) -> int:
+        """Set the kept timesteps and the respaced chain; returns the number of kept steps (the caller sets
+        ``num_inference_steps``, typed differently by MONAI's DDPM and DDIM schedulers)."""
         kept = evenly_spaced_timesteps(self.num_train_timesteps, num_inference_steps)
-        self.num_inference_steps = len(kept)
         self.timesteps = kept.to(device) if device is not None else kept
         ascending = kept.flip(0)
         # the respaced chain: ᾱ at the kept steps; its betas are recomputed from them
         self.sampling_chain = GaussianChain(self.alphas_cumprod.detach().cpu().double()[ascending])
         self._chain_index = {int(t): i for i, t in enumerate(ascending.tolist())}
+        return len(kept)
 
     def chain_index(self, timestep: int | torch.Tensor) -> int:
         """Position of a kept training timestep in the respaced chain (0 = the last sampling step)."""
@@ -146,7 +149,7 @@ class RespacedDDPMScheduler(_RespacedMixin, DDPMScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Keep ``num_inference_steps`` evenly spaced training steps and build their respaced chain."""
-        self._respace(num_inference_steps, device)
+        self.num_inference_steps = self._respace(num_inference_steps, device)
 
     def model_log_variance(
         self, var_values: torch.Tensor | None, index: int | torch.Tensor, chain: GaussianChain, like: torch.Tensor
@@ -166,7 +169,7 @@ class RespacedDDPMScheduler(_RespacedMixin, DDPMScheduler):
             return chain.gather(large.log(), index, like)
         return chain.gather(chain.posterior_log_variance_clipped, index, like)
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
@@ -216,9 +219,9 @@ class RespacedDDIMScheduler(_RespacedMixin, DDIMScheduler):
         if not hasattr(self, "train_chain"):  # called by DDIMScheduler.__init__ before our attributes exist
             super().set_timesteps(num_inference_steps, device)
             return
-        self._respace(num_inference_steps, device)
+        self.num_inference_steps = self._respace(num_inference_steps, device)
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,

@@ -59,8 +59,13 @@ def prepare_dataset(
             f"{datalist['image_channels']} (or use the dataset's overlay config)."
         )
     validate_datalist(
-        path, datalist, required_splits=required_splits, check_files=check_files, check_contents=True,
-        check_sizes=same_size, cache=True,
+        path,
+        datalist,
+        required_splits=required_splits,
+        check_files=check_files,
+        check_contents=True,
+        check_sizes=same_size,
+        cache=True,
     )
     return str(path)
 
@@ -75,7 +80,8 @@ def network_to_device(network: torch.nn.Module, device: str | torch.device) -> t
     device = torch.device(device)
     network = network.to(device)
     if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
+        # Module.to accepts memory_format (documented), which torch's overloads leave out
+        network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return network
 
 
@@ -112,7 +118,10 @@ def inference_items(source: str | os.PathLike, split: str = "test") -> list[dict
     if path.is_file() and path.name == DATALIST_FILENAME:
         path = path.parent
     if (path / DATALIST_FILENAME).is_file():
-        items = [{"image": i["image"], "image_path": i["image"], "case_id": str(i["case_id"])} for i in load_split(path, split)]
+        items = [
+            {"image": i["image"], "image_path": i["image"], "case_id": str(i["case_id"])}
+            for i in load_split(path, split)
+        ]
     elif path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and is_nifti_path(f))
         items = [{"image": str(f), "image_path": str(f), "case_id": f.name.split(".nii")[0]} for f in files]

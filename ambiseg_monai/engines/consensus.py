@@ -127,7 +127,9 @@ class CombineConsensusSamples:
     def __call__(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, count = samples.shape[:2]
         if count % self.num_levels:
-            raise ValueError(f"{count} samples per image are not a whole number of generations of {self.num_levels} levels.")
+            raise ValueError(
+                f"{count} samples per image are not a whole number of generations of {self.num_levels} levels."
+            )
         grouped = samples.reshape(batch, count // self.num_levels, self.num_levels, *samples.shape[2:])
         by_level = grouped.transpose(1, 2).contiguous()  # B x C x G x H x W
         result = combine_consensus_samples(by_level, self.majority_vote)
@@ -233,7 +235,9 @@ class UnpackPredictiond(MapTransform):
             if not isinstance(prediction, Mapping):
                 continue
             if key not in prediction:
-                raise KeyError(f"the dict prediction under '{key}' has no '{key}' entry; entries: {sorted(prediction)}.")
+                raise KeyError(
+                    f"the dict prediction under '{key}' has no '{key}' entry; entries: {sorted(prediction)}."
+                )
             for name, value in prediction.items():
                 if name != key and name in d and not self.overwrite:
                     raise KeyError(f"prediction entry '{name}' would overwrite the existing output key '{name}'.")

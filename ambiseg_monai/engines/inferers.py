@@ -58,7 +58,8 @@ def mask_to_symmetric(mask: torch.Tensor) -> torch.Tensor:
     low, high = float(mask.min()), float(mask.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(
-            f"training targets must be masks in [0, 1] (they are mapped to [-1, 1] here); got values in [{low}, {high}]."
+            f"training targets must be masks in [0, 1] (they are mapped to [-1, 1] here); "
+            f"got values in [{low}, {high}]."
         )
     return 2.0 * mask - 1.0
 
@@ -371,9 +372,12 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         class_labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        """inputs: B x C x H x W images -> B x N x H x W samples (float), or what return_stats / postprocess make of them."""
+        """inputs: B x C x H x W images -> B x N x H x W samples (float), or what return_stats / postprocess
+        make of them."""
         if inputs.ndim < 3:
-            raise ValueError(f"inputs must be images B x C x H x W (or B x C x D x H x W), got shape {tuple(inputs.shape)}.")
+            raise ValueError(
+                f"inputs must be images B x C x H x W (or B x C x D x H x W), got shape {tuple(inputs.shape)}."
+            )
         batch, n = inputs.shape[0], self.num_samples
         keys = self._image_keys(batch, image_ids)
         generators = make_generators(self.seed, keys, n)  # row b * N + n: sample n of image b

@@ -63,6 +63,7 @@ class _LatentELBOLoss(nn.Module):
     """Shared machinery: L2 term, divergence check naming the iteration and term, per-term logging."""
 
     name = "latent ELBO"
+    network: nn.Module | None  # set through __dict__ in __init__
 
     def __init__(self, l2_weight: float, network: nn.Module | None) -> None:
         super().__init__()
@@ -88,9 +89,10 @@ class _LatentELBOLoss(nn.Module):
         engine.add_event_handler(Events.ITERATION_STARTED, _sync_iteration)
 
     def _l2(self, reference: torch.Tensor) -> torch.Tensor:
-        if self.l2_weight == 0:
+        if self.l2_weight == 0 or self.network is None:  # no network only with l2_weight == 0 (see __init__)
             return reference.new_zeros(())
-        return sum(p.pow(2).sum() for p in self.network.parameters() if p.requires_grad)
+        total = sum(p.pow(2).sum() for p in self.network.parameters() if p.requires_grad)
+        return total if isinstance(total, torch.Tensor) else reference.new_zeros(())  # 0: nothing is trained
 
     @staticmethod
     def _check_pred(owner: str, pred: Any, keys: tuple[str, ...]) -> None:
@@ -114,7 +116,9 @@ class _LatentELBOLoss(nn.Module):
         """Record the terms, fail clearly on divergence, return ``terms["loss"]``."""
         self.iteration += 1
         # one device sync for all terms
-        values = dict(zip(terms, torch.stack([value.detach().float() for value in terms.values()]).tolist()))
+        values = dict(
+            zip(terms, torch.stack([value.detach().float() for value in terms.values()]).tolist(), strict=True)
+        )
         self.last_terms = values
         if not torch.isfinite(terms["loss"]):
             bad = [key for key, value in values.items() if key != "loss" and not math.isfinite(value)]
@@ -210,7 +214,7 @@ class PHiSegELBOLoss(_LatentELBOLoss):
                 f"PHiSegELBOLoss: kl must be B x L with L = {level_logits.shape[1]} levels, got {tuple(kl.shape)}."
             )
         level_reconstruction = torch.stack(
-            [_summed_bce(level_logits[:, l : l + 1], target) for l in range(level_logits.shape[1])], dim=1
+            [_summed_bce(level_logits[:, level : level + 1], target) for level in range(level_logits.shape[1])], dim=1
         ).mean(0)  # L
         level_kl = kl.mean(0)  # L
         weights = self.level_kl_weights(level_kl.shape[0]).to(level_kl)
@@ -219,8 +223,8 @@ class PHiSegELBOLoss(_LatentELBOLoss):
         l2 = self._l2(reconstruction)
         loss = self.reconstruction_weight * reconstruction + weighted_kl + self.l2_weight * l2
         terms = {"loss": loss, "reconstruction": reconstruction, "kl": weighted_kl, "l2": l2}
-        terms.update({f"reconstruction_level{l}": value for l, value in enumerate(level_reconstruction)})
-        terms.update({f"kl_level{l}": value for l, value in enumerate(level_kl)})
+        terms.update({f"reconstruction_level{level}": value for level, value in enumerate(level_reconstruction)})
+        terms.update({f"kl_level{level}": value for level, value in enumerate(level_kl)})
         return self._finish(terms)
 
 

@@ -48,7 +48,8 @@ def _check_image(image: torch.Tensor, image_channels: int | None, batch: Mapping
 def _check_rater_stack(stack: torch.Tensor, image: torch.Tensor, what: str) -> None:
     if stack.ndim != 4 or stack.shape[0] != image.shape[0] or stack.shape[2:] != image.shape[2:]:
         raise ValueError(
-            f"{what} must be B x R x H x W (all raters) matching the images {tuple(image.shape)}, got {tuple(stack.shape)}."
+            f"{what} must be B x R x H x W (all raters) matching the images {tuple(image.shape)}, "
+            f"got {tuple(stack.shape)}."
         )
 
 
@@ -65,7 +66,9 @@ class _ImagePrepareBatch(PrepareBatch):
 
     def _image(self, batchdata: Mapping, device, non_blocking: bool) -> torch.Tensor:
         """The B x C x H x W images on ``device``, checked against ``image_channels``."""
-        image = to_engine_tensor(_require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last)
+        image = to_engine_tensor(
+            _require(batchdata, self.image_key, "images"), device, non_blocking, self.channels_last
+        )
         _check_image(image, self.image_channels, batchdata)
         return image
 

@@ -188,12 +188,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def metrics_completed(self, engine: Engine) -> None:
         # ignite records the new best before it writes it: forget that record when the write fails,
         # so the best-model record (saved in epoch checkpoints) never names a model that is not on disk
-        record = list(self._key_metric_checkpoint._saved) if self._key_metric_checkpoint is not None else None
+        checkpoint = self._key_metric_checkpoint
+        record = list(checkpoint._saved) if checkpoint is not None else None
         try:
             super().metrics_completed(engine)
         except BaseException:
-            if record is not None:
-                self._key_metric_checkpoint._saved = record
+            if checkpoint is not None and record is not None:
+                checkpoint._saved = record
             raise
 
 
@@ -271,12 +272,13 @@ def _capture_rng(engine: Engine) -> dict:
     }
 
 
-def _restore_rng(state: Mapping, engine: Engine, logger: logging.Logger, source: Path) -> None:
+def _restore_rng(state: Mapping, engine: Engine, logger: logging.Logger, source: Path | None) -> None:
     torch.set_rng_state(state["torch"].cpu())
     cuda = list(state.get("cuda") or [])
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-    np.random.set_state(_numpy_tuple(state["numpy"]))
+    # the legacy global RNG is what MONAI transforms and user code draw from: restore it as saved
+    np.random.set_state(_numpy_tuple(state["numpy"]))  # noqa: NPY002
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     loader = getattr(engine, "data_loader", None) or getattr(engine.state, "dataloader", None)
@@ -286,12 +288,12 @@ def _restore_rng(state: Mapping, engine: Engine, logger: logging.Logger, source:
     transforms = _random_transforms(engine)
     saved = list(state.get("transforms") or [])
     if len(saved) == len(transforms):
-        for transform, transform_state in zip(transforms, saved):
+        for transform, transform_state in zip(transforms, saved, strict=True):
             transform.R.set_state(_numpy_tuple(transform_state))
     else:
         logger.warning(
-            f"{source} holds the random states of {len(saved)} training transform(s), but this run has "
-            f"{len(transforms)}: their states are not restored, so the resumed run will not repeat an "
+            f"{source or 'the checkpoint'} holds the random states of {len(saved)} training transform(s), "
+            f"but this run has {len(transforms)}: their states are not restored, so the resumed run will not repeat an "
             "uninterrupted one exactly (was the training preprocessing changed?)"
         )
 
@@ -332,9 +334,17 @@ def _key_metric_savers(evaluator: Engine) -> list[CheckpointSaver]:
     return found
 
 
+def _best_checkpoint(saver: CheckpointSaver) -> Checkpoint:
+    """The saver's best-model ``Checkpoint`` (:func:`_key_metric_savers` keeps only savers that have one)."""
+    checkpoint = saver._key_metric_checkpoint
+    if checkpoint is None:
+        raise ValueError("a CheckpointSaver without save_key_metric keeps no best model")
+    return checkpoint
+
+
 def _best_files(saver: CheckpointSaver) -> list[Path]:
     """The files that hold the saver's recorded best models."""
-    checkpoint = saver._key_metric_checkpoint
+    checkpoint = _best_checkpoint(saver)
     fixed = getattr(checkpoint.save_handler, "filename", None)
     directory = Path(saver.save_dir)
     if fixed is not None:
@@ -507,7 +517,7 @@ class ResumableCheckpointer:
                     "best_metric": _scalar(getattr(evaluator.state, "best_metric", -1)),
                     "best_metric_epoch": int(getattr(evaluator.state, "best_metric_epoch", -1)),
                     "savers": [
-                        [(_scalar(item.priority), item.filename) for item in saver._key_metric_checkpoint._saved]
+                        [(_scalar(item.priority), item.filename) for item in _best_checkpoint(saver)._saved]
                         for saver in _key_metric_savers(evaluator)
                     ],
                 }
@@ -641,7 +651,7 @@ class ResumableCheckpointer:
                 "its score"
             )
             return
-        for (handler, evaluator), record in zip(validators, records):
+        for (handler, evaluator), record in zip(validators, records, strict=True):
             self._restore_validation(path, handler, evaluator, record)
 
     def _restore_validation(self, path: Path, handler, evaluator: Engine, record: Mapping) -> None:
@@ -650,8 +660,8 @@ class ResumableCheckpointer:
         savers = _key_metric_savers(evaluator)
         lost: list[str] = []
         if len(savers) == len(record["savers"]):
-            for saver, saved in zip(savers, record["savers"]):
-                saver._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in saved]})
+            for saver, saved in zip(savers, record["savers"], strict=True):
+                _best_checkpoint(saver).load_state_dict({"_saved": [tuple(item) for item in saved]})
                 lost += _unreadable(_best_files(saver))
         elif savers:  # ranks other than 0 have no savers (disabled in the configs): nothing to restore there
             self.logger.warning(f"checkpoint {path}: its best-model savers differ from this run's; not restored")
@@ -670,7 +680,7 @@ class ResumableCheckpointer:
             )
         if rebuild:
             for saver in savers:
-                saver._key_metric_checkpoint._saved = []
+                _best_checkpoint(saver)._saved = []
             evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1
             self._pending_rebuild.append((handler, evaluator))
 

@@ -61,7 +61,9 @@ def soft_dice_by_generations(
     if not generations or any(not 1 <= g <= total for g in generations):
         raise ValueError(f"generations must be non-empty values in 1..{total} (the samples' G), got {generations}.")
     columns = [
-        soft_dice(combine_consensus_samples(samples[:, :, :g], majority_vote)["pred_soft"], raters, thresholds, rater_mask)
+        soft_dice(
+            combine_consensus_samples(samples[:, :, :g], majority_vote)["pred_soft"], raters, thresholds, rater_mask
+        )
         for g in generations
     ]
     return torch.stack(columns, dim=1)
@@ -183,7 +185,7 @@ class GenerationCurveHandler:
 
         figure, axis = plt.subplots(figsize=(5, 3.5), dpi=100)
         for name, values in self.curves.items():
-            axis.plot(self._generations, values, marker="o", markersize=3, label=name)
+            axis.plot(self._generations or [], values, marker="o", markersize=3, label=name)
         axis.set_xlabel("number of generations per level")
         axis.set_ylabel("soft Dice")
         axis.set_title("Soft Dice vs. number of generations")
@@ -194,11 +196,12 @@ class GenerationCurveHandler:
         plt.close(figure)
 
     def _log_mlflow(self, paths: Sequence[str]) -> None:
-        run_id = mlflow_run_id(self.mlflow_handler) if self.mlflow_handler is not None else None
-        if run_id is None:
+        handler = self.mlflow_handler
+        run_id = mlflow_run_id(handler) if handler is not None else None
+        if handler is None or run_id is None:
             return
         for name, values in self.curves.items():
-            for g, value in zip(self._generations or [], values):
-                self.mlflow_handler.client.log_metric(run_id, f"{name}_vs_generations", value, step=int(g))
+            for g, value in zip(self._generations or [], values, strict=True):
+                handler.client.log_metric(run_id, f"{name}_vs_generations", value, step=int(g))
         for path in paths:
-            log_artifact(self.mlflow_handler, path, "generation_curve")
+            log_artifact(handler, path, "generation_curve")

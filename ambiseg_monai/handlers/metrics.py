@@ -165,7 +165,10 @@ class AmbiguousSegmentationMetricsHandler(Metric):
     @torch.no_grad()
     def iteration_completed(self, engine: Engine) -> None:
         state_output = engine.state.output
-        batch_input = {"pred": batch_field(state_output, self.pred_key), "label": batch_field(state_output, self.label_key)}
+        batch_input = {
+            "pred": batch_field(state_output, self.pred_key),
+            "label": batch_field(state_output, self.label_key),
+        }
         for key, source in (("pred", self.pred_key), ("label", self.label_key)):
             if batch_input[key] is None:
                 raise KeyError(f"{type(self).__name__}: engine.state.output has no '{source}' entry.")
@@ -189,4 +192,4 @@ class AmbiguousSegmentationMetricsHandler(Metric):
         super().attach(engine, name, *args, **kwargs)
         self._engine = engine
         if self.save_details and not hasattr(engine.state, "metric_details"):
-            engine.state.metric_details = {}  # type: ignore[attr-defined]
+            engine.state.metric_details = {}

@@ -138,7 +138,7 @@ class ProvenanceHandler:
         # read the config now, so that a wrong path fails when the bundle is parsed, not after setup
         if config is None:
             self.config = config_being_parsed() or executed_config_from_argv()
-            files = config_files_from_argv()[0] if self.config is not None else []
+            files: list[str | os.PathLike] = list(config_files_from_argv()[0]) if self.config is not None else []
         elif isinstance(config, Mapping):
             self.config, files = load_config(config), []
         else:
@@ -170,9 +170,16 @@ class ProvenanceHandler:
         if run_id == self.logged_run_id:
             return
         log_provenance(
-            client, run_id, self.config, self.dataset_dir, self.bundle, self.run_kind, log_config_file=False,
-            params=self.params, log_hyperparameters=self.log_hyperparameters,
-        )  # fmt: skip
+            client,
+            run_id,
+            self.config,
+            self.dataset_dir,
+            self.bundle,
+            self.run_kind,
+            log_config_file=False,
+            params=self.params,
+            log_hyperparameters=self.log_hyperparameters,
+        )
         if self.log_config_file:
             self._log_config_artifacts(client, run_id)
         self.logged_run_id = run_id

@@ -36,6 +36,8 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
+from ambiseg_monai.networks.denoisers import unwrap_network
+
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "nonfinite_tensors"]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor | None]]) -> list[
     norms = torch._foreach_norm([t for _, t in items], math.inf)
     if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
         return []
-    return [name for (name, _), norm in zip(items, norms) if not bool(torch.isfinite(norm))]
+    return [name for (name, _), norm in zip(items, norms, strict=True) if not bool(torch.isfinite(norm))]
 
 
 def _describe(names: Sequence[str], total: int, what: str) -> str:
@@ -70,13 +72,8 @@ def _describe(names: Sequence[str], total: int, what: str) -> str:
     return f"{what} of {len(names)} of {total} tensors are non-finite (e.g. {example})"
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    wrapped = isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
-    return network.module if wrapped else network
-
-
 def _named_state(network: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(_unwrap(network).state_dict(keep_vars=False).items())
+    return list(unwrap_network(network).state_dict(keep_vars=False).items())
 
 
 def _any_rank(flag: bool, device: torch.device | None) -> bool:
@@ -241,10 +238,12 @@ class NonFiniteGuard:
             networks["network"] = engine.network
         validator = self._validator_attached or self.validator
         other = getattr(validator, "network", None) if with_validator else None
-        if isinstance(other, torch.nn.Module) and all(_unwrap(other) is not _unwrap(n) for n in networks.values()):
+        if isinstance(other, torch.nn.Module) and all(
+            unwrap_network(other) is not unwrap_network(n) for n in networks.values()
+        ):
             networks["validated network (e.g. the EMA copy)"] = other
         for name, network in self.networks.items():
-            if all(_unwrap(network) is not _unwrap(n) for n in networks.values()):
+            if all(unwrap_network(network) is not unwrap_network(n) for n in networks.values()):
                 networks[name] = network
         return networks
 
@@ -263,7 +262,8 @@ class NonFiniteGuard:
         if _any_rank(bool(problems), engine.state.device):
             raise NonFiniteTrainingError(
                 f"non-finite weights after the optimiser step at {self._where(engine)}: "
-                f"{'; '.join(problems) or 'on another rank'}. Training stopped before they were saved. To fix: {_ADVICE}."
+                f"{'; '.join(problems) or 'on another rank'}. Training stopped before they were saved. "
+                f"To fix: {_ADVICE}."
             )
 
     def before_validation(self, evaluator: Engine) -> None:
@@ -299,13 +299,12 @@ class NonFiniteGuard:
 # ---------------------------------------------------------------------------------------------- helpers
 def _named_trainable(engine: Engine) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of every parameter the optimiser updates, named after the trainer's network."""
-    names = {}
     network = getattr(engine, "network", None)
-    if isinstance(network, torch.nn.Module):
-        names = {id(p): n for n, p in _unwrap(network).named_parameters()}
+    module = unwrap_network(network) if isinstance(network, torch.nn.Module) else None
+    names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is None:
-        return [(n, p) for n, p in _unwrap(network).named_parameters()] if names else []
+        return list(module.named_parameters()) if module is not None else []
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return [(names.get(id(p), f"parameter {i}"), p) for i, p in enumerate(params)]
 

@@ -53,9 +53,12 @@ class PerImageMetricsWriter(MetricsSaver):
         save_rank: int = 0,
     ) -> None:
         super().__init__(
-            save_dir=str(output_dir), metrics=None, metric_details=metric_details,
-            batch_transform=CaseIdMeta(id_key), save_rank=save_rank,
-        )  # fmt: skip
+            save_dir=str(output_dir),
+            metrics=None,
+            metric_details=metric_details,
+            batch_transform=CaseIdMeta(id_key),
+            save_rank=save_rank,
+        )
         self.output_dir = Path(output_dir)
         self.prefix = prefix
 
@@ -64,7 +67,8 @@ class PerImageMetricsWriter(MetricsSaver):
         if idist.get_rank() != self.save_rank:
             return
         details = getattr(engine.state, "metric_details", None) or {}
-        wanted = {k: v for k, v in details.items() if "*" in self.metric_details or k in self.metric_details}
+        selected = self.metric_details or ()
+        wanted = {k: v for k, v in details.items() if "*" in selected or k in selected}
         if not wanted:
             raise RuntimeError(
                 f"{type(self).__name__}: no per-image metric details; enable save_details on the metric handler."
@@ -138,7 +142,7 @@ class NiftiSampleWriter:
         if ids is None or paths is None:
             raise KeyError(f"NiftiSampleWriter: the batch needs '{self.id_key}' and '{self.path_key}'.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for b, (case, path) in enumerate(zip(ids, paths)):
+        for b, (case, path) in enumerate(zip(ids, paths, strict=True)):
             affine = nib.load(str(path)).affine
             masks = samples[b].numpy()
             mean = masks.mean(axis=0, keepdims=True).astype(np.float32)

@@ -49,19 +49,22 @@ def render_sample_grid(
     import matplotlib.pyplot as plt
 
     batch, num_samples = samples.shape[:2]
-    num_raters = 0 if raters is None else raters.shape[1]
+    rater_stack = raters if raters is not None else np.zeros((batch, 0, *samples.shape[2:]), dtype=samples.dtype)
+    num_raters = rater_stack.shape[1]
     columns = 1 + num_raters + num_samples + 2
     fig, axes = plt.subplots(batch, columns, figsize=(1.3 * columns, 1.4 * batch + 0.4), squeeze=False)
     mean = samples.mean(axis=1)
     variance = samples.var(axis=1)
     for b in range(batch):
-        panels = [(images[b, 0], "image", "gray", None)]
+        # (array, column title, colour map, value limits or None)
+        panels: list[tuple[np.ndarray, str, str, tuple[float, float] | None]] = [(images[b, 0], "image", "gray", None)]
         for m in range(num_raters):
             real = rater_mask is None or bool(rater_mask[b, m])
-            panels.append((raters[b, m] if real else np.zeros_like(raters[b, m]), f"rater {m + 1}" if real else "-", "gray", (0, 1)))
+            rater = rater_stack[b, m] if real else np.zeros_like(rater_stack[b, m])
+            panels.append((rater, f"rater {m + 1}" if real else "-", "gray", (0, 1)))
         panels += [(samples[b, n], f"sample {n + 1}", "gray", (0, 1)) for n in range(num_samples)]
         panels += [(mean[b], "mean", "viridis", (0, 1)), (variance[b], "variance", "magma", (0, 0.25))]
-        for ax, (panel, label, cmap, limits) in zip(axes[b], panels):
+        for ax, (panel, label, cmap, limits) in zip(axes[b], panels, strict=True):
             vmin, vmax = limits if limits is not None else (None, None)
             ax.imshow(panel, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])

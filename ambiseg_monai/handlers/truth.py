@@ -166,7 +166,8 @@ class TruthMetricsHandler:
             return
         if not isinstance(output, Mapping) or self.pred_key not in output:
             raise KeyError(
-                f"TruthMetricsHandler: the engine output has no '{self.pred_key}' (set decollate=False on the evaluator)."
+                f"TruthMetricsHandler: the engine output has no '{self.pred_key}' "
+                "(set decollate=False on the evaluator)."
             )
         samples = _tensor(output[self.pred_key]).detach().cpu()
         if samples.ndim == 5:  # consensus diffusion: B x C x G x H x W per-level draws

@@ -113,4 +113,4 @@ def collective_insight(
     dice_matching = max_dice_matching_from_overlaps(overlaps)
     agreement = diversity_agreement_from_overlaps(overlaps, include_self_pairs)
     ci = ci_from_components(sensitivity, dice_matching, agreement, harmonic)
-    return dict(zip(CI_KEYS, (sensitivity, dice_matching, agreement, ci)))
+    return dict(zip(CI_KEYS, (sensitivity, dice_matching, agreement, ci), strict=True))

@@ -66,9 +66,7 @@ def _overlaps(preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tenso
     return MaskSetOverlaps.from_masks(*check_preds_and_raters(preds, raters, rater_mask))
 
 
-def cross_pair_dice(
-    preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def cross_pair_dice(preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Dice over all (rater, prediction) pairs of each image.
 
     Args:
@@ -82,9 +80,7 @@ def cross_pair_dice(
     return cross_pair_dice_from_overlaps(_overlaps(preds, raters, rater_mask))
 
 
-def cross_pair_iou(
-    preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def cross_pair_iou(preds: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean IoU over all (rater, prediction) pairs of each image (shapes as :func:`cross_pair_dice`)."""
     return cross_pair_iou_from_overlaps(_overlaps(preds, raters, rater_mask))
 

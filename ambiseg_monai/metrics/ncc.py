@@ -23,8 +23,12 @@ import math
 
 import torch
 
-from ambiseg_monai.metrics.inputs import check_probability_stack, check_rater_mask, check_same_geometry
-from ambiseg_monai.metrics.inputs import check_binary_stack
+from ambiseg_monai.metrics.inputs import (
+    check_binary_stack,
+    check_probability_stack,
+    check_rater_mask,
+    check_same_geometry,
+)
 from ambiseg_monai.metrics.pairwise import masked_mean
 
 __all__ = [

@@ -56,14 +56,14 @@ def _counts_int8(
     selectors = torch.zeros(batch, 2, num_preds + raters.shape[1], dtype=torch.int8)
     selectors[:, 0, :num_preds] = 1
     selectors[:, 1, num_preds:] = rater_mask.to(torch.int8)
-    grams, counts = [], []
+    grams, count_rows = [], []
     for image in range(batch):  # one product per image: there is no batched int8 product
         # joining one image's masks at a time stays in cache (a whole-batch concatenation does not);
         # bool -> int8 is a free reinterpretation
         rows = torch.cat([preds[image], raters[image]]).view(torch.int8)
         grams.append(torch._int_mm(rows, rows.t()))
-        counts.append(torch._int_mm(selectors[image], rows))
-    counts = torch.stack(counts)
+        count_rows.append(torch._int_mm(selectors[image], rows))
+    counts = torch.stack(count_rows)
     return torch.stack(grams), counts[:, 0], counts[:, 1]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Mapping
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 __all__ = ["relative_area_filter", "RelativeAreaFilter", "RelativeAreaFilterd"]
 
@@ -47,7 +47,7 @@ class RelativeAreaFilter(Transform):
         r: relative area threshold (samples with area < r x largest area are emptied).
     """
 
-    backend = [NdarrayOrTensor]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, r: float = 0.5) -> None:
         if not 0 <= r <= 1:

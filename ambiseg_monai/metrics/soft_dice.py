@@ -115,9 +115,9 @@ def soft_dice_from_counts(
     joint = joint.view(batch, num_samples + 1, max_votes + 1).to(torch.float64)
     # The same float64 values the maps would hold: k / N and v / M_b.
     pred_values = torch.arange(num_samples + 1, dtype=torch.float64, device=device) / num_samples
-    gt_values = torch.arange(max_votes + 1, dtype=torch.float64, device=device)[None, :] / num_raters.to(
-        torch.float64
-    )[:, None]
+    gt_values = (
+        torch.arange(max_votes + 1, dtype=torch.float64, device=device)[None, :] / num_raters.to(torch.float64)[:, None]
+    )
     levels = thresholds_sorted.to(device)
     pred_on = (pred_values[None, :] >= levels[:, None]).to(torch.float64)  # T x (N+1)
     gt_on = (gt_values[:, None, :] >= levels[None, :, None]).to(torch.float64)  # B x T x (M+1)

@@ -11,7 +11,7 @@ statistics each time they are called.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.metrics import CumulativeIterationMetric
@@ -158,7 +158,7 @@ def ambiguous_segmentation_metrics(
         pred_soft = None
     if images_per_chunk < 1:
         raise ValueError(f"images_per_chunk: must be >= 1, got {images_per_chunk}.")
-    options = dict(unbiased=unbiased, include_self_pairs=include_self_pairs, harmonic=harmonic, eps=eps)
+    options: dict[str, Any] = dict(unbiased=unbiased, include_self_pairs=include_self_pairs, harmonic=harmonic, eps=eps)
     options["thresholds"] = tuple(thresholds)
 
     chunks = []
@@ -207,12 +207,15 @@ class AmbiguousSegmentationMetrics(CumulativeIterationMetric):
         values = ambiguous_segmentation_metrics(y_pred, y, rater_mask, pred_soft, self.metrics, **self.options)
         return [values[name][:, None] for name in self.metrics]
 
-    def __call__(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    # narrower than MONAI's signature on purpose: batch-first tensors in, a name -> values dict out
+    def __call__(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         if not isinstance(y_pred, torch.Tensor):
             raise ValueError("AmbiguousSegmentationMetrics expects batch-first tensors (B x N x H x W samples).")
-        columns = super().__call__(y_pred, y, **kwargs)
-        columns = columns if isinstance(columns, (list, tuple)) else [columns]
-        return {name: column[:, 0] for name, column in zip(self.metrics, columns)}
+        result = super().__call__(y_pred, y, **kwargs)
+        columns = cast(list[torch.Tensor], result if isinstance(result, (list, tuple)) else [result])
+        return {name: column[:, 0] for name, column in zip(self.metrics, columns, strict=True)}
 
     def per_image(self) -> dict[str, torch.Tensor]:
         """name -> 1-D float64 tensor with the value of every image seen since the last ``reset()``."""
@@ -220,7 +223,7 @@ class AmbiguousSegmentationMetrics(CumulativeIterationMetric):
         if buffers is None:
             raise ValueError("AmbiguousSegmentationMetrics: nothing buffered yet; call the metric on a batch first.")
         buffers = buffers if isinstance(buffers, list) else [buffers]
-        return {name: buffer[:, 0] for name, buffer in zip(self.metrics, buffers)}
+        return {name: buffer[:, 0] for name, buffer in zip(self.metrics, buffers, strict=True)}
 
     def aggregate(self) -> dict[str, float]:
         """name -> mean over all buffered images."""

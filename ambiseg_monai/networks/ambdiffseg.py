@@ -12,6 +12,8 @@ attention, res) instead of the paper's 4 middle res blocks; everything else is c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser
@@ -31,10 +33,13 @@ class ContinuousTimeDenoiser(ConcatConditionedDenoiser):
     B x C x H x W, ``timesteps`` (B,) floats in [0, 1]; returns B x C x H x W.
     """
 
-    def __init__(self, *args, time_scale: float = 1000.0, **kwargs) -> None:
+    def __init__(
+        self, image_channels: int = 1, mask_channels: int = 1, *, time_scale: float = 1000.0, **kwargs: Any
+    ) -> None:
+        # the other arguments are keyword-only: a third positional argument would be learn_variance
         if kwargs.pop("learn_variance", False):
             raise ValueError("ContinuousTimeDenoiser has no learned variance; remove learn_variance=True.")
-        super().__init__(*args, learn_variance=False, **kwargs)
+        super().__init__(image_channels, mask_channels, learn_variance=False, **kwargs)
         if float(time_scale) <= 0:
             raise ValueError(f"time_scale must be positive, got {time_scale}.")
         self.time_scale = float(time_scale)

@@ -117,8 +117,9 @@ class ConsensusDenoiser(ConditionalDenoiser):
             resblock_updown=resblock_updown,
             use_flash_attention=use_flash_attention,
         )
-        # F is the U-Net's own first convolution; the stem adds G(I) to its output
-        self.unet.conv_in = SummedConditionStem(self.unet.conv_in, self.mask_channels)
+        # F is the U-Net's own first convolution; the stem adds G(I) to its output (a Module in the slot
+        # MONAI types as Convolution)
+        self.unet.conv_in = SummedConditionStem(self.unet.conv_in, self.mask_channels)  # type: ignore[assignment]
 
     def encode_condition(self, image: torch.Tensor) -> torch.Tensor:
         """``G(I)``: B x C_img x H x W -> B x L x H x W."""

@@ -16,6 +16,7 @@ Protocol (used by the training inferer and the N-sample sampler):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -23,8 +24,12 @@ from monai.networks.nets import DiffusionModelUNet
 __all__ = ["ConditionalDenoiser", "ConcatConditionedDenoiser", "unwrap_network"]
 
 
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DataParallel / DistributedDataParallel wrappers."""
+def unwrap_network(network: torch.nn.Module) -> Any:
+    """The module inside DataParallel / DistributedDataParallel wrappers.
+
+    Typed ``Any``: callers use the methods of the concrete network that ``nn.Module`` does not declare
+    (``encode_condition``, ``sample``, ...).
+    """
     while isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
         network = network.module
     return network

@@ -74,7 +74,7 @@ class ReparameterizedMixture(MixtureSameFamily):
 
     has_rsample = True
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         """Draw ``sample_shape + batch_shape + event_shape`` samples with gradients."""
         sample_shape = torch.Size(sample_shape)
         component_samples = self.component_distribution.rsample(sample_shape)  # S x B x K x E

@@ -18,6 +18,7 @@ lives at resolution level ``k = l + resolution_levels - latent_levels``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -85,12 +86,14 @@ class HierarchicalLatentEncoder(nn.Module):
         up_width = self.channels[0] * latent_dim
         self.latent_up = nn.ModuleList(_conv_block(latent_dim, up_width, 2, norm) for _ in range(latent_levels - 1))
         self.merge = nn.ModuleList(
-            _conv_block(self.channels[l + self.offset] + up_width, self.channels[l + self.offset], 2, norm)
-            for l in range(latent_levels - 1)
+            _conv_block(self.channels[level + self.offset] + up_width, self.channels[level + self.offset], 2, norm)
+            for level in range(latent_levels - 1)
         )
         self.heads = nn.ModuleList(
-            Convolution(2, self.channels[l + self.offset], self.latent_distribution.num_parameters, 1, conv_only=True)
-            for l in range(latent_levels)
+            Convolution(
+                2, self.channels[level + self.offset], self.latent_distribution.num_parameters, 1, conv_only=True
+            )
+            for level in range(latent_levels)
         )
 
     def forward(
@@ -127,22 +130,25 @@ class HierarchicalLatentEncoder(nn.Module):
             features.append(h)
         distributions: list[Distribution | None] = [None] * self.latent_levels
         samples: list[torch.Tensor | None] = [None] * self.latent_levels
-        for l in reversed(range(self.latent_levels)):
-            level_features = features[l + self.offset]
+        for level in reversed(range(self.latent_levels)):
+            level_features = features[level + self.offset]
             if num_samples > 1:
                 level_features = level_features.repeat_interleave(num_samples, dim=0)
-            if l < self.latent_levels - 1:
-                below = override_samples[l + 1] if override_samples is not None else samples[l + 1]
-                up = self.latent_up[l](_upsample(below))
-                level_features = self.merge[l](torch.cat([level_features, up], dim=1))
-            distributions[l] = self.latent_distribution(self.heads[l](level_features))
+            if level < self.latent_levels - 1:
+                below = override_samples[level + 1] if override_samples is not None else samples[level + 1]
+                if below is None:
+                    raise RuntimeError(f"latent level {level + 1} has no sample")  # the coarser level sets it
+                up = self.latent_up[level](_upsample(below))
+                level_features = self.merge[level](torch.cat([level_features, up], dim=1))
+            distribution = self.latent_distribution(self.heads[level](level_features))
+            distributions[level] = distribution
             if override_samples is None:
-                samples[l] = (
-                    distributions[l].rsample()
-                    if generators is None
-                    else sample_with_generators(distributions[l], generators)
+                samples[level] = (
+                    distribution.rsample() if generators is None else sample_with_generators(distribution, generators)
                 )
-        return list(distributions), [] if override_samples is not None else list(samples)
+        # every level is filled by the loop above
+        filled_distributions = cast(list[Distribution], distributions)
+        return filled_distributions, [] if override_samples is not None else cast(list[torch.Tensor], samples)
 
 
 class HierarchicalLikelihood(nn.Module):
@@ -161,21 +167,23 @@ class HierarchicalLikelihood(nn.Module):
         self.latent_levels = latent_levels
         self.offset = len(self.channels) - latent_levels
         post_sample = []
-        for l in range(latent_levels):
-            k = l + self.offset
+        for level in range(latent_levels):
+            k = level + self.offset
             steps: list[nn.Module] = [_conv_block(latent_dim, self.channels[k], 2, norm)]
-            # Bring latent level l from resolution level k up to resolution level l (offset doublings).
+            # Bring latent level `level` from resolution level k up to resolution level `level` (offset doublings).
             for step in range(self.offset):
                 steps += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
-                steps += [_conv_block(self.channels[k] if step == 0 else self.channels[l], self.channels[l], 1, norm)]
+                steps += [
+                    _conv_block(self.channels[k] if step == 0 else self.channels[level], self.channels[level], 1, norm)
+                ]
             post_sample.append(nn.Sequential(*steps))
         self.post_sample = nn.ModuleList(post_sample)
         self.post_concat = nn.ModuleList(
-            _conv_block(self.channels[l] + self.channels[l + 1], self.channels[l], 2, norm)
-            for l in range(latent_levels - 1)
+            _conv_block(self.channels[level] + self.channels[level + 1], self.channels[level], 2, norm)
+            for level in range(latent_levels - 1)
         )
         self.heads = nn.ModuleList(
-            Convolution(2, self.channels[l], 1, kernel_size=1, conv_only=True) for l in range(latent_levels)
+            Convolution(2, self.channels[level], 1, kernel_size=1, conv_only=True) for level in range(latent_levels)
         )
 
     def forward(self, samples: Sequence[torch.Tensor], output_size: Sequence[int]) -> torch.Tensor:
@@ -189,12 +197,12 @@ class HierarchicalLikelihood(nn.Module):
             ``B x L x H x W`` logits; channel ``l`` is the prediction using latent levels ``l .. L-1``
             (channel 0: the model's prediction).
         """
-        decoded = [self.post_sample[l](z) for l, z in enumerate(samples)]
+        decoded = [self.post_sample[level](z) for level, z in enumerate(samples)]
         merged = decoded[-1]
         level_logits = [self.heads[-1](merged)]
-        for l in reversed(range(self.latent_levels - 1)):
-            merged = self.post_concat[l](torch.cat([decoded[l], _upsample(merged)], dim=1))
-            level_logits.insert(0, self.heads[l](merged))
+        for level in reversed(range(self.latent_levels - 1)):
+            merged = self.post_concat[level](torch.cat([decoded[level], _upsample(merged)], dim=1))
+            level_logits.insert(0, self.heads[level](merged))
         size = tuple(output_size)
         full = torch.cat([s if tuple(s.shape[2:]) == size else _upsample(s, size) for s in level_logits], dim=1)
         # Residual formulation: each level refines the sum of the coarser ones.
@@ -269,7 +277,7 @@ class PHiSeg(nn.Module):
         target = check_binary_target("PHiSeg", image, target)
         posteriors, z = self.posterior(torch.cat([image, target - 0.5], dim=1))
         priors, _ = self.prior(image, override_samples=z)
-        kl = torch.stack([latent_kl_divergence(q, p) for q, p in zip(posteriors, priors)], dim=1)
+        kl = torch.stack([latent_kl_divergence(q, p) for q, p in zip(posteriors, priors, strict=True)], dim=1)
         level_logits = self.likelihood(z, image.shape[2:])
         return {"logits": level_logits[:, :1], "level_logits": level_logits, "kl": kl}
 

@@ -69,16 +69,28 @@ def plot_metric_bars(
     figure, axes = _grid(len(present))
     width = 0.8 / len(counts)
     positions = np.arange(len(methods))
-    for axis, metric in zip(axes, present):
-        for i, (count, colour) in enumerate(zip(counts, colours)):
+    for axis, metric in zip(axes, present, strict=True):
+        for i, (count, colour) in enumerate(zip(counts, colours, strict=True)):
             part = table[table["num_samples"] == count].set_index("method").reindex(methods)
             means = part[f"{metric}_mean"].to_numpy(dtype=float)
             stds = part[f"{metric}_std"].to_numpy(dtype=float)  # NaN (one run): no error bar
-            axis.bar(positions + (i - (len(counts) - 1) / 2) * width, means, width,
-                     yerr=None if np.isnan(stds).all() else stds,
-                     color=colour, capsize=3, label=f"N = {count}")
+            axis.bar(
+                positions + (i - (len(counts) - 1) / 2) * width,
+                means,
+                width,
+                yerr=None if np.isnan(stds).all() else stds,
+                color=colour,
+                capsize=3,
+                label=f"N = {count}",
+            )
         axis.set_title(_title(metric), fontsize=10)
-        axis.set_xticks(positions, methods, rotation=20 if len(methods) > 2 else 0, ha="right" if len(methods) > 2 else "center", fontsize=8)
+        axis.set_xticks(
+            positions,
+            methods,
+            rotation=20 if len(methods) > 2 else 0,
+            ha="right" if len(methods) > 2 else "center",
+            fontsize=8,
+        )
         axis.grid(axis="y", alpha=0.3)
         axis.set_axisbelow(True)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -96,14 +108,21 @@ def plot_metric_vs_samples(
     methods = list(dict.fromkeys(table["method"]))
     counts = sorted(table["num_samples"].unique())
     figure, axes = _grid(len(present))
-    for axis, metric in zip(axes, present):
+    for axis, metric in zip(axes, present, strict=True):
         for i, method in enumerate(methods):
             part = table[table["method"] == method].sort_values("num_samples")
             # a small horizontal offset per method keeps overlapping error bars apart
             dodge = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
             stds = part[f"{metric}_std"].to_numpy(dtype=float)  # NaN (one run): no error bar
-            axis.errorbar(part["num_samples"] * dodge, part[f"{metric}_mean"], yerr=None if np.isnan(stds).all() else stds,
-                          marker="o", capsize=3, color=f"C{i}", label=method)
+            axis.errorbar(
+                part["num_samples"] * dodge,
+                part[f"{metric}_mean"],
+                yerr=None if np.isnan(stds).all() else stds,
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=method,
+            )
         axis.set_xscale("log", base=2)
         axis.set_xticks(counts, [str(c) for c in counts])
         axis.minorticks_off()
@@ -130,11 +149,17 @@ def plot_training_curves(curves: pd.DataFrame, path: str | os.PathLike) -> Path:
     keys = list(dict.fromkeys(curves["key"]))
     methods = list(dict.fromkeys(curves["method"]))
     figure, axes = _grid(len(keys), max_cols=3, panel_size=(4.2, 3.0))
-    for axis, key in zip(axes, keys):
-        for (method, run_name), part in curves[curves["key"] == key].groupby(["method", "run_name"], sort=False):
+    for axis, key in zip(axes, keys, strict=True):
+        for (method, _run_name), part in curves[curves["key"] == key].groupby(["method", "run_name"], sort=False):
             part = part.sort_values("step")
-            axis.plot(part["step"], part["value"], color=f"C{methods.index(method)}", alpha=0.85, linewidth=1.2,
-                      marker="." if len(part) < 30 else None)
+            axis.plot(
+                part["step"],
+                part["value"],
+                color=f"C{methods.index(method)}",
+                alpha=0.85,
+                linewidth=1.2,
+                marker="." if len(part) < 30 else None,
+            )
         axis.set_title(key, fontsize=10)
         axis.set_xlabel("step (as logged: iteration or epoch)", fontsize=8)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

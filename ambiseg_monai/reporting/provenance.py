@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import mlflow
@@ -183,7 +184,7 @@ def config_being_parsed() -> dict | None:
     """
     from monai.bundle import ConfigParser
 
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, ConfigParser):
@@ -257,7 +258,7 @@ def datalist_sha256(dataset: str | os.PathLike) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_describe() -> str | None:
     """``git describe --always --tags`` of the ambiseg-monai checkout this package runs from, with
     ``-dirty`` when tracked files are modified; None for an installed (non-checkout) package or without git.
@@ -465,5 +466,7 @@ def log_evaluation_results(
             path = Path(tmp) / naming.per_image_csv_name(num_samples)
             frame.to_csv(path, index=False)
             log_per_image_csv(client, run_id, path, int(num_samples))
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in summary.items()])
+    client.log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in summary.items()]
+    )
     return summary

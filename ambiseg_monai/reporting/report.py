@@ -92,7 +92,9 @@ def training_curves(
     """
     histories: dict[tuple[str, str], list] = {}
     for run in runs:
-        candidates = keys if keys is not None else [k for k in run.data.metrics if not naming.parse_evaluation_metric_key(k)]
+        candidates = (
+            keys if keys is not None else [k for k in run.data.metrics if not naming.parse_evaluation_metric_key(k)]
+        )
         for key in candidates:
             if key in run.data.metrics:
                 histories[(run.info.run_id, key)] = client.get_metric_history(run.info.run_id, key)
@@ -101,18 +103,35 @@ def training_curves(
         keys = sorted(multi, key=_curve_priority)[:max_keys]
     by_id = {run.info.run_id: run for run in runs}
     rows = [
-        {"method": group_label(by_id[run_id], group_by, names), "run_name": by_id[run_id].info.run_name,
-         "run_id": run_id, "key": key, "step": m.step, "value": m.value}
-        for (run_id, key), history in histories.items() if key in keys
+        {
+            "method": group_label(by_id[run_id], group_by, names),
+            "run_name": by_id[run_id].info.run_name,
+            "run_id": run_id,
+            "key": key,
+            "step": m.step,
+            "value": m.value,
+        }
+        for (run_id, key), history in histories.items()
+        if key in keys
         for m in history
     ]
     curves = pd.DataFrame(rows, columns=["method", "run_name", "run_id", "key", "step", "value"])
     order = {k: i for i, k in enumerate(keys)}
-    return curves.sort_values(["key", "method", "run_id", "step"], key=lambda s: s.map(order) if s.name == "key" else s).reset_index(drop=True)
+    return curves.sort_values(
+        ["key", "method", "run_id", "step"], key=lambda s: s.map(order) if s.name == "key" else s
+    ).reset_index(drop=True)
 
 
 # Automatic training-curve panels: losses first, then the headline validation metrics, then the rest.
-_CURVE_METRIC_ORDER = ("ged", "ci", "soft_dice", "hm_iou", "combined_sensitivity", "max_dice_matching", "diversity_agreement")
+_CURVE_METRIC_ORDER = (
+    "ged",
+    "ci",
+    "soft_dice",
+    "hm_iou",
+    "combined_sensitivity",
+    "max_dice_matching",
+    "diversity_agreement",
+)
 
 
 def _curve_priority(key: str) -> tuple:
@@ -145,7 +164,9 @@ def load_per_image_metrics(client: mlflow.MlflowClient, run_id: str) -> pd.DataF
                     found.append(info.path)
         folders = next_folders
     if not found:
-        raise FileNotFoundError(f"run {run_id} has no per-image CSV artifact (expected e.g. {naming.per_image_csv_name(16)}).")
+        raise FileNotFoundError(
+            f"run {run_id} has no per-image CSV artifact (expected e.g. {naming.per_image_csv_name(16)})."
+        )
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
         for artifact in sorted(found):
@@ -153,29 +174,47 @@ def load_per_image_metrics(client: mlflow.MlflowClient, run_id: str) -> pd.DataF
             if "num_samples" not in frame.columns:
                 count = naming.parse_per_image_csv_name(artifact)
                 if count is None:
-                    raise ValueError(f"run {run_id}: {artifact} has neither a num_samples column nor _n<N> in its name.")
+                    raise ValueError(
+                        f"run {run_id}: {artifact} has neither a num_samples column nor _n<N> in its name."
+                    )
                 frame.insert(0, "num_samples", count)
             frames.append(frame)
     stacked = pd.concat(frames, ignore_index=True)
     return stacked.sort_values("num_samples", kind="stable", ignore_index=True)
 
 
-def _markdown_report(title: str, table: pd.DataFrame, frame: pd.DataFrame, metrics: Sequence[str],
-                     selection: RunSelection, tracking_uri: str, images: dict[str, Path]) -> str:
-    lines = [f"# {title}", "",
-             f"Store: `{tracking_uri}` · selection: "
-             + "; ".join(f"{k} = {v}" for k, v in selection.describe().items()), "",
-             "Final evaluation metrics, mean ± sample standard deviation over runs "
-             "(each run's value is its mean over test images); N = samples drawn per image; "
-             "↓ lower is better, ↑ higher is better; best mean per N in bold.", "",
-             table_to_markdown(table, metrics)]
-    captions = {"bars": "Metrics per method", "vs_samples": "Metrics against the number of samples",
-                "curves": "Training curves"}
+def _markdown_report(
+    title: str,
+    table: pd.DataFrame,
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    selection: RunSelection,
+    tracking_uri: str,
+    images: dict[str, Path],
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Store: `{tracking_uri}` · selection: " + "; ".join(f"{k} = {v}" for k, v in selection.describe().items()),
+        "",
+        "Final evaluation metrics, mean ± sample standard deviation over runs "
+        "(each run's value is its mean over test images); N = samples drawn per image; "
+        "↓ lower is better, ↑ higher is better; best mean per N in bold.",
+        "",
+        table_to_markdown(table, metrics),
+    ]
+    captions = {
+        "bars": "Metrics per method",
+        "vs_samples": "Metrics against the number of samples",
+        "curves": "Training curves",
+    }
     for part, path in images.items():
         lines += [f"## {captions[part]}", "", f"![{captions[part]}]({path.name})", ""]
     lines += ["## Runs", "", "| Method | Run | Run id | N |", "|---|---|---|---|"]
     for (method, run_name, run_id), part in frame.groupby(["method", "run_name", "run_id"], sort=False):
-        lines.append(f"| {method} | {run_name} | `{run_id}` | {', '.join(str(n) for n in sorted(part['num_samples']))} |")
+        lines.append(
+            f"| {method} | {run_name} | `{run_id}` | {', '.join(str(n) for n in sorted(part['num_samples']))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -246,14 +285,23 @@ def compare_runs(
     return report
 
 
-def _log_report(client: mlflow.MlflowClient, tracking_uri: str, experiment: str, report: ComparisonReport,
-                selection: RunSelection, runs: Sequence[Run]) -> str:
+def _log_report(
+    client: mlflow.MlflowClient,
+    tracking_uri: str,
+    experiment: str,
+    report: ComparisonReport,
+    selection: RunSelection,
+    runs: Sequence[Run],
+) -> str:
     from ambiseg_monai.reporting.provenance import code_version
 
     experiment_id = _comparison_experiment_id(client, experiment, tracking_uri)
     run_ids = [r.info.run_id for r in runs]
-    tags = {naming.TAG_RUN_KIND: "comparison", naming.TAG_CODE_VERSION: code_version(),
-            naming.TAG_COMPARED_RUNS: ",".join(run_ids)[:8000]}
+    tags = {
+        naming.TAG_RUN_KIND: "comparison",
+        naming.TAG_CODE_VERSION: code_version(),
+        naming.TAG_COMPARED_RUNS: ",".join(run_ids)[:8000],
+    }
     if selection.dataset:
         tags[naming.TAG_DATASET] = selection.dataset
     run = client.create_run(experiment_id, run_name=f"compare_{time.strftime('%Y%m%d_%H%M%S')}", tags=tags)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.tracking import TAG_CONTINUES_RUN, TAG_CONTINUES_URI
@@ -49,10 +49,13 @@ class SyncedRun:
     merged: bool = False  # True: added to the destination run it continues (see TAG_CONTINUES_RUN)
 
 
-def _all_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
-    runs, token = [], None
+def _all_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
     while True:
-        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -62,9 +65,7 @@ def _all_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
 def _copy_run(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, experiment_id: str) -> str:
     tags = {k: v for k, v in run.data.tags.items() if k not in _SKIPPED_TAGS}
     tags[naming.TAG_SYNCED_FROM] = run.info.run_id
-    new = destination.create_run(
-        experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
-    )
+    new = destination.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
     run_id = new.info.run_id
     metrics = _metric_histories(source, run)
     params = [Param(k, v) for k, v in run.data.params.items()]
@@ -82,7 +83,9 @@ def _metric_histories(source: mlflow.MlflowClient, run) -> list[Metric]:
     ]
 
 
-def _copy_inputs_artifacts_status(source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, run_id: str) -> None:
+def _copy_inputs_artifacts_status(
+    source: mlflow.MlflowClient, destination: mlflow.MlflowClient, run, run_id: str
+) -> None:
     """Dataset inputs, artifacts and (unless still running) the final status of ``run`` onto ``run_id``."""
     if run.inputs is not None and run.inputs.dataset_inputs:
         destination.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
@@ -153,7 +156,9 @@ def sync_runs(
         if not runs:
             continue
         target = destination.get_experiment_by_name(name)
-        experiment_id = target.experiment_id if target else destination.create_experiment(name, tags=available[name].tags)
+        experiment_id = (
+            target.experiment_id if target else destination.create_experiment(name, tags=available[name].tags)
+        )
         done = {
             r.data.tags[naming.TAG_SYNCED_FROM]: r.info.run_id
             for r in _all_runs(destination, experiment_id)
@@ -178,9 +183,15 @@ def sync_runs(
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of the sync command."""
-    parser.add_argument("--from", dest="source", required=True, help="tracking URI to copy from (e.g. sqlite:////abs/mlruns-offline.db)")
-    parser.add_argument("--to", dest="destination", required=True, help="tracking URI to copy to (e.g. http://127.0.0.1:5000)")
-    parser.add_argument("--experiment", action="append", default=None, help="experiment name to copy (repeatable; default: all)")
+    parser.add_argument(
+        "--from", dest="source", required=True, help="tracking URI to copy from (e.g. sqlite:////abs/mlruns-offline.db)"
+    )
+    parser.add_argument(
+        "--to", dest="destination", required=True, help="tracking URI to copy to (e.g. http://127.0.0.1:5000)"
+    )
+    parser.add_argument(
+        "--experiment", action="append", default=None, help="experiment name to copy (repeatable; default: all)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -199,7 +210,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m ambiseg_monai.reporting.sync", description=__doc__.split("\n\n")[0])
+    _parser = argparse.ArgumentParser(
+        prog="python -m ambiseg_monai.reporting.sync", description=__doc__.split("\n\n")[0]
+    )
     configure_parser(_parser)
     try:
         sys.exit(main(_parser.parse_args()))

@@ -49,14 +49,16 @@ def evaluation_frame(
                 by_count.setdefault(parsed[1], {})[parsed[0]] = value
         label = group_label(run, group_by, names) if by_count else None
         for num_samples, values in sorted(by_count.items()):
-            rows.append({
-                "method": label,
-                "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
-                "run_name": run.info.run_name,
-                "run_id": run.info.run_id,
-                "num_samples": num_samples,
-                **values,
-            })
+            rows.append(
+                {
+                    "method": label,
+                    "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
+                    "run_name": run.info.run_name,
+                    "run_id": run.info.run_id,
+                    "num_samples": num_samples,
+                    **values,
+                }
+            )
     frame = pd.DataFrame(rows, columns=_RUN_COLUMNS + list(metrics))
     return frame.dropna(axis=1, how="all").astype({"num_samples": int}) if rows else frame
 
@@ -75,7 +77,8 @@ def comparison_table(frame: pd.DataFrame, metrics: Sequence[str] = naming.REPORT
     if frame.empty:
         raise ValueError(
             f"the selected runs have no final evaluation metrics {list(metrics)} (run metrics named like "
-            f"{naming.evaluation_metric_key(metrics[0] if metrics else 'ged', 16)!r}); run the bundle's evaluate.json first."
+            f"{naming.evaluation_metric_key(metrics[0] if metrics else 'ged', 16)!r}); "
+            "run the bundle's evaluate.json first."
         )
     present = [m for m in metrics if m in frame.columns]
     if not present:

@@ -25,7 +25,6 @@ import functools
 import inspect
 import logging
 import os
-import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -34,6 +33,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -111,7 +114,7 @@ def probe_tracking_uri(uri: str, timeout: float = 3.0) -> str | None:
                 status = response.status
         except urllib.error.HTTPError as error:
             status = error.code
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
             reason = getattr(error, "reason", error)
             return f"no answer from {url}: {reason}"
         return None if status < 500 else f"{url} answered HTTP {status}"
@@ -158,7 +161,10 @@ def resolve_tracking_uri(
     fallback = offline_uri or os.environ.get(OFFLINE_URI_ENV) or DEFAULT_OFFLINE_TRACKING_URI
     fallback_reason = probe_tracking_uri(fallback, timeout)
     if fallback_reason is not None:
-        raise ValueError(f"MLflow server {uri} is unreachable ({reason}) and the fallback {fallback!r} is unusable too: {fallback_reason}.")
+        raise ValueError(
+            f"MLflow server {uri} is unreachable ({reason}) and the fallback {fallback!r} is unusable too: "
+            f"{fallback_reason}."
+        )
     command = sync_command(fallback, uri)
     message = (
         f"MLflow tracking server {uri} is unreachable ({reason}). Logging to the local store {fallback} instead; "
@@ -228,10 +234,7 @@ def is_tracking_outage(error: BaseException) -> bool:
     failed ...")``), HTTP 5xx answers and ``requests``/socket errors (artifact uploads). A 4xx answer
     (invalid parameter, missing run, permission) is the caller's error and is raised as usual.
     """
-    try:
-        import requests
-    except ImportError:  # pragma: no cover - MLflow depends on requests
-        requests = None
+    import requests  # an MLflow dependency
     from mlflow.exceptions import MlflowException, RestException
 
     if isinstance(error, RestException):
@@ -242,12 +245,12 @@ def is_tracking_outage(error: BaseException) -> bool:
             code = _http_status(text)
             return code is None or code >= 500 or code in (408, 429)
         return False
-    if requests is not None and isinstance(error, requests.exceptions.HTTPError):
+    if isinstance(error, requests.exceptions.HTTPError):
         status = getattr(error.response, "status_code", None)
         return status is None or status >= 500
-    if requests is not None and isinstance(error, requests.exceptions.RequestException):
+    if isinstance(error, requests.exceptions.RequestException):
         return True
-    return isinstance(error, (ConnectionError, TimeoutError, socket.timeout))
+    return isinstance(error, (ConnectionError, TimeoutError))  # socket.timeout is TimeoutError
 
 
 def _http_status(text: str) -> int | None:
@@ -289,9 +292,9 @@ class _Failover:
         self.offline_uri = offline_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
-        self.client = None  # the offline MlflowClient, once the server failed
+        self.client: MlflowClient | None = None  # the offline MlflowClient, once the server failed
         self.reason: str | None = None
-        self.experiments: dict[str, str] = {}  # server experiment id -> name
+        self.experiments: dict[str, str | None] = {}  # server experiment id -> name
         self.runs: dict[str, dict] = {}  # server run id -> what is needed to continue it offline
         self.run_map: dict[str, str] = {}  # server run id -> offline run id
         self.experiment_map: dict[str, str] = {}  # server experiment id -> offline experiment id
@@ -301,6 +304,13 @@ class _Failover:
     @property
     def offline(self) -> bool:
         return self.client is not None
+
+    @property
+    def offline_client(self) -> MlflowClient:
+        """The offline store's client (only used once :meth:`go_offline` has switched)."""
+        if self.client is None:
+            raise RuntimeError(f"run {self.run_name!r} is not logged offline")
+        return self.client
 
     # ------------------------------------------------------------------ what the server was told
     def remember(self, method: str, arguments: Mapping, result) -> None:
@@ -312,8 +322,11 @@ class _Failover:
             self.experiments[result] = arguments.get("name")
         if isinstance(result, Run):
             info = self._run(result.info.run_id)
-            info.update(experiment_id=result.info.experiment_id, run_name=result.info.run_name,
-                        start_time=result.info.start_time)
+            info.update(
+                experiment_id=result.info.experiment_id,
+                run_name=result.info.run_name,
+                start_time=result.info.start_time,
+            )
             info["tags"].update(result.data.tags)
             info["params"].update(result.data.params)
         run_id = arguments.get("run_id")
@@ -351,21 +364,28 @@ class _Failover:
             warnings.warn(message, TrackingServerUnreachableWarning, stacklevel=4)
             logger.warning(message)
 
-    def experiment_id(self, server_id: str | None) -> str | None:
-        if server_id is None or server_id in self.offline_ids:
+    def experiment_id(self, server_id: str | None) -> str:
+        """The offline experiment standing in for the server's experiment ``server_id``.
+
+        ``None``: a run whose server experiment this client never saw; it goes to the experiment named
+        ``experiment_name`` (else ``Default``) of the offline store.
+        """
+        if server_id is not None and server_id in self.offline_ids:
             return server_id
-        if server_id not in self.experiment_map:
-            name = self.experiments.get(server_id) or self.experiment_name or "Default"
-            experiment = self.client.get_experiment_by_name(name)
+        key = server_id or ""
+        if key not in self.experiment_map:
+            name = self.experiments.get(key) or self.experiment_name or "Default"
+            client = self.offline_client
+            experiment = client.get_experiment_by_name(name)
             if experiment is None:
-                offline_id = self.client.create_experiment(name, artifact_location=_artifact_location(self.offline_uri))
+                offline_id = client.create_experiment(name, artifact_location=_artifact_location(self.offline_uri))
             else:
                 offline_id = experiment.experiment_id
                 if experiment.lifecycle_stage != "active":
-                    self.client.restore_experiment(offline_id)
-            self.experiment_map[server_id] = offline_id
+                    client.restore_experiment(offline_id)
+            self.experiment_map[key] = offline_id
             self.offline_ids.add(offline_id)
-        return self.experiment_map[server_id]
+        return self.experiment_map[key]
 
     def run_id(self, server_id: str | None) -> str | None:
         """The offline run continuing the server's run ``server_id`` (created with its name, tags and params)."""
@@ -377,14 +397,15 @@ class _Failover:
             info = self.runs.get(server_id) or self._run(server_id)
             tags = {k: v for k, v in info["tags"].items() if k != "mlflow.runName"}
             tags.update({TAG_CONTINUES_RUN: server_id, TAG_CONTINUES_URI: self.server})
-            run = self.client.create_run(
+            run = self.offline_client.create_run(
                 self.experiment_id(info["experiment_id"]),
                 start_time=info["start_time"],
                 tags=tags,
                 run_name=info["run_name"] or self.run_name,
             )
             if info["params"]:
-                self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in info["params"].items()])
+                params = [Param(k, v) for k, v in info["params"].items()]
+                self.offline_client.log_batch(run.info.run_id, params=params)
             self.run_map[server_id] = run.info.run_id
             self.offline_ids.add(run.info.run_id)
         return self.run_map[server_id]
@@ -406,7 +427,7 @@ class _Failover:
                 arguments["experiment_ids"] = [self.experiment_id(i) for i in ids]
             if method == "create_experiment" and arguments.get("artifact_location") is None:
                 arguments["artifact_location"] = _artifact_location(self.offline_uri)
-        result = getattr(self.client, method)(*bound.args, **bound.kwargs)
+        result = getattr(self.offline_client, method)(*bound.args, **bound.kwargs)
         found = result if isinstance(result, list) else [result]
         for item in found:
             if isinstance(item, Run):
@@ -446,7 +467,7 @@ class FailoverClient:
 
     def __init__(
         self,
-        client,
+        client: MlflowClient,
         tracking_uri: str,
         offline_uri: str | None = None,
         experiment_name: str | None = None,
@@ -458,7 +479,8 @@ class FailoverClient:
         if sqlite_uri_path(offline_uri) is None or reason is not None:
             raise ValueError(
                 f"the offline MLflow store {offline_uri!r} (used if {tracking_uri} fails during the run) is unusable: "
-                f"{reason or 'it must be a sqlite:/// URI'}; set {OFFLINE_URI_ENV} to sqlite:///<existing folder>/<name>.db"
+                f"{reason or 'it must be a sqlite:/// URI'}; "
+                f"set {OFFLINE_URI_ENV} to sqlite:///<existing folder>/<name>.db"
             )
         self._online = client
         self._limits = dict(HTTP_LIMITS if http_limits is None else http_limits)
@@ -493,7 +515,8 @@ class FailoverClient:
         return functools.partial(self._call, name)
 
     def _call(self, method: str, *args, **kwargs):
-        signature = _signature(type(self._online), method)
+        # a class is hashable; mypy's Hashable protocol check of type objects says otherwise
+        signature = _signature(type(self._online), method)  # type: ignore[arg-type]
         bound = signature.bind(*args, **kwargs)
         state = self._state
         if not state.offline:
@@ -510,7 +533,7 @@ class FailoverClient:
         return state.call(method, bound)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(cls: type, method: str) -> inspect.Signature:
     signature = inspect.signature(getattr(cls, method))
     return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
