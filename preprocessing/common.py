@@ -4,7 +4,9 @@ progress bars, image resizing/normalisation and the end-of-import summary.
 An importer is a loop over *tasks* (one scan, one time point, one case): a worker function turns a
 task into samples (small C x H x W / R x H x W arrays), and the parent process writes them through
 :class:`ambiseg_monai.data.datalist.DatasetWriter`. Workers run in a ``ProcessPoolExecutor`` with a
-bounded look-ahead, so memory holds at most a few tasks' samples, never the dataset. For the heavy
+bounded look-ahead, so memory holds at most a few tasks' samples, never the dataset. Every importer
+opens its dataset with :func:`open_dataset`, runs that loop with :func:`import_tasks` and ends its
+``main`` with :func:`run_import`. For the heavy
 importers the workers also write the samples' NIfTI files into the writer's temporary folder
 (:class:`WriteInWorker`), and the parent only records the items, so compression runs in parallel.
 
@@ -64,6 +66,10 @@ __all__ = [
     "add_output_arguments",
     "add_split_arguments",
     "add_worker_arguments",
+    "add_size_argument",
+    "run_import",
+    "open_dataset",
+    "import_tasks",
     "run_tasks",
     "write_samples",
     "WrittenSample",
@@ -153,7 +159,106 @@ def add_split_arguments(parser: argparse.ArgumentParser, default: Sequence[float
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
 
 
+def add_size_argument(
+    parser: argparse.ArgumentParser, default: Sequence[int] | None = None, help: str = "resize every case"
+) -> None:
+    """``--size H W``: the height and width of the written samples (read with :func:`image_size`)."""
+    parser.add_argument(
+        "--size", type=int, nargs=2, default=list(default) if default else None, metavar=("H", "W"), help=help
+    )
+
+
+def run_import(
+    prepare: Callable[..., ImportSummary], args: argparse.Namespace, *arguments: Any, **keywords: Any
+) -> int:
+    """The end of every importer's ``main``: run its ``prepare_*`` function and report.
+
+    Calls ``prepare(*arguments, **keywords)`` with the options of :func:`add_output_arguments`
+    (``strict``, ``overwrite``, ``progress``) taken from ``args`` as keywords, prints the summary
+    (:meth:`ImportSummary.format`) and ``wrote OUT``; returns the exit status 0.
+    """
+    summary = prepare(*arguments, strict=args.strict, overwrite=args.overwrite, progress=args.progress, **keywords)
+    print(summary.format())
+    print(f"wrote {args.out}")
+    return 0
+
+
 # -- running tasks ---------------------------------------------------------------------------------
+def open_dataset(
+    out: str | os.PathLike,
+    name: str,
+    modality: str,
+    num_raters: int,
+    image_channels: int,
+    overwrite: bool,
+    source: str,
+    options: dict,
+) -> DatasetWriter:
+    """The importer's :class:`DatasetWriter`, its destination already checked (before any long work).
+
+    The datalist records ``source`` (a description of the raw data) and ``options`` (the
+    preprocessing options, the same dict as in the summary) as ``{"source": ..., "preprocessing": ...}``.
+    """
+    writer = DatasetWriter(
+        out,
+        name=name,
+        modality=modality,
+        num_raters=num_raters,
+        image_channels=image_channels,
+        overwrite=overwrite,
+        metadata={"source": source, "preprocessing": options},
+    )
+    writer.check_destination()
+    return writer
+
+
+def import_tasks(
+    writer: DatasetWriter,
+    summary: ImportSummary,
+    source: str | os.PathLike,
+    function: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    describe: Callable[[Any], str],
+    record: Callable[[Any], object],
+    *,
+    write_in_worker: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = True,
+    desc: str = "processing",
+) -> ImportSummary:
+    """The body every importer shares: write the dataset from the results of its tasks.
+
+    Inside the writer's ``with`` block, runs ``function`` over ``tasks`` (:func:`run_tasks`; the
+    skipped tasks go to ``summary``), hands every result to ``record`` (which writes or registers
+    its samples, and counts what the importer counts), then :func:`finish_import` (``source``
+    names the input in its errors). Returns ``summary``.
+
+    With ``write_in_worker``, ``function`` is wrapped in :class:`WriteInWorker` (with the
+    writer's temporary folder, rater count and image channels), so its results hold
+    :class:`WrittenSample` for :func:`register_written_samples` instead of :class:`Sample`.
+    """
+    with writer:
+        if write_in_worker:
+            datalist = writer.datalist
+            function = WriteInWorker(
+                function, os.fspath(writer.root), datalist["num_raters"], datalist["image_channels"]
+            )
+        for _, result in run_tasks(
+            function,
+            tasks,
+            describe,
+            workers=workers,
+            strict=strict,
+            progress=progress,
+            desc=desc,
+            on_failure=summary.record_failure,
+        ):
+            record(result)
+        finish_import(writer, summary, source)
+    return summary
+
+
 def _call_safely(function: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
     """Run one task, turning any exception into a message (exceptions may not pickle back)."""
     try:
@@ -335,6 +440,17 @@ class ImportSummary:
 
     def record_failure(self, failure: TaskFailure) -> None:
         self.skipped.append({"source": failure.source, "reason": failure.message})
+
+    def skip_input(self, message: str, strict: bool) -> None:
+        """The skip-or-fail policy for a broken input found outside :func:`run_tasks`.
+
+        ``message`` starts with the input's path (``"<source>: what is wrong"``); it is listed as
+        skipped (its source: the text before the first colon) or, with ``strict``, raised as
+        :class:`InputError` ``"<message> (stopped because of --strict)"``.
+        """
+        if strict:
+            raise InputError(f"{message} (stopped because of --strict)")
+        self.skipped.append({"source": message.split(":", 1)[0], "reason": message})
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

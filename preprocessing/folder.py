@@ -46,15 +46,17 @@ from .common import (
     InputError,
     Sample,
     add_output_arguments,
+    add_size_argument,
     add_split_arguments,
     check_binary_mask,
     check_finite,
-    finish_import,
     image_size,
+    import_tasks,
     normalise_minmax,
+    open_dataset,
     resize_image,
     resize_masks,
-    run_tasks,
+    run_import,
     write_samples,
 )
 
@@ -261,37 +263,32 @@ def prepare_folder(
     split_of = {**drawn, **fixed}
     DatasetWriter(out, name, modality, 1, 1, overwrite=overwrite).check_destination()  # before reading images
     channels = _first_readable_channels(rows)
-    writer = DatasetWriter(
-        out,
-        name=name,
-        modality=modality,
-        num_raters=num_raters,
-        image_channels=channels,
-        overwrite=overwrite,
-        metadata={"source": "folder + CSV", "preprocessing": options},
+    writer = open_dataset(out, name, modality, num_raters, channels, overwrite, "folder + CSV", options)
+
+    def record(sample: Sample) -> None:
+        if sample.image.shape[0] != channels:
+            message = (
+                f"{csv_path}: {sample.metadata['source_image']} has {sample.image.shape[0]} channels, "
+                f"the first readable image has {channels}"
+            )
+            if strict:
+                raise InputError(message)
+            summary.skipped.append({"source": sample.metadata["source_image"], "reason": message})
+            return
+        write_samples(writer, summary, [sample], split_of)
+
+    return import_tasks(
+        writer,
+        summary,
+        csv_path,
+        convert_row,
+        rows,
+        lambda r: f"{r.csv_path} line {r.line}",
+        record,
+        strict=strict,
+        progress=progress,
+        desc=name,
     )
-    with writer:
-        for _, sample in run_tasks(
-            convert_row,
-            rows,
-            describe=lambda r: f"{r.csv_path} line {r.line}",
-            strict=strict,
-            progress=progress,
-            desc=name,
-            on_failure=summary.record_failure,
-        ):
-            if sample.image.shape[0] != channels:
-                message = (
-                    f"{csv_path}: {sample.metadata['source_image']} has {sample.image.shape[0]} channels, "
-                    f"the first readable image has {channels}"
-                )
-                if strict:
-                    raise InputError(message)
-                summary.skipped.append({"source": sample.metadata["source_image"], "reason": message})
-                continue
-            write_samples(writer, summary, [sample], split_of)
-        finish_import(writer, summary, csv_path)
-    return summary
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -304,14 +301,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--normalisation", choices=NORMALISATIONS, default="auto", help="intensity scaling (default auto)"
     )
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize every case")
+    add_size_argument(parser)
     add_split_arguments(parser)
     add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare folder``."""
-    summary = prepare_folder(
+    return run_import(
+        prepare_folder,
+        args,
         args.csv,
         args.out,
         args.name,
@@ -320,10 +319,4 @@ def main(args: argparse.Namespace) -> int:
         tuple(args.size) if args.size else None,
         tuple(args.split_fractions),
         args.seed,
-        args.strict,
-        args.overwrite,
-        args.progress,
     )
-    print(summary.format())
-    print(f"wrote {args.out}")
-    return 0

@@ -36,24 +36,25 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
-from ambiseg_monai.data.datalist import DatasetWriter, split_patients
+from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
     ImportSummary,
     InputError,
     Sample,
-    WriteInWorker,
     add_output_arguments,
     add_split_arguments,
     add_worker_arguments,
-    finish_import,
+    import_tasks,
+    open_dataset,
     register_written_samples,
-    run_tasks,
+    run_import,
 )
 from .contours import rasterise_contours
 from .dicom_series import CTSeries, DicomSeriesError, read_header, read_series
@@ -327,11 +328,6 @@ def discover_scans(
         raise FileNotFoundError(f"{source}: LIDC source folder not found")
     summary = summary if summary is not None else ImportSummary("lidc")
 
-    def problem(message: str) -> None:
-        if strict:
-            raise InputError(f"{message} (stopped because of --strict)")
-        summary.skipped.append({"source": message.split(":", 1)[0], "reason": message})
-
     dicom_dirs: dict[Path, list[Path]] = {}
     xml_files: list[Path] = []
     for root in (source, *map(Path, xml_dirs)):
@@ -353,7 +349,7 @@ def discover_scans(
             header = read_xml_header(path)
         except LidcXmlError as error:
             summary.count("annotation_files_skipped")
-            problem(str(error))
+            summary.skip_input(str(error), strict)
             continue
         if header.kind == "xray":
             summary.count("xray_annotation_files_skipped")
@@ -361,9 +357,10 @@ def discover_scans(
             summary.count("other_xml_files_ignored")
         elif not header.series_instance_uid:  # a CT annotation we cannot match: never drop it silently
             summary.count("annotation_files_skipped")
-            problem(
+            summary.skip_input(
                 f"{path}: LIDC annotation without a SeriesInstanceUid in its ResponseHeader, so its nodules "
-                "cannot be matched to a CT series; add the series UID or remove the file"
+                "cannot be matched to a CT series; add the series UID or remove the file",
+                strict,
             )
         else:
             annotations[header.series_instance_uid].append(os.fspath(path))
@@ -372,7 +369,7 @@ def discover_scans(
     for directory in tqdm(sorted(dicom_dirs), desc="reading DICOM headers", disable=not progress, unit="folder"):
         dicom_header, read_error = _series_header(directory, sorted(dicom_dirs[directory]))
         if dicom_header is None:
-            problem(f"{directory}: no readable DICOM file ({read_error})")
+            summary.skip_input(f"{directory}: no readable DICOM file ({read_error})", strict)
             continue
         if str(getattr(dicom_header, "Modality", "CT")).upper() != "CT":
             summary.count("non_ct_series_skipped")
@@ -446,38 +443,35 @@ def prepare_lidc(
         "seed": seed,
     }
     summary = ImportSummary("lidc", summary_options)
-    writer = DatasetWriter(
-        out,
-        name="lidc",
-        modality="CT",
-        num_raters=options.num_readers,
-        image_channels=1,
-        overwrite=overwrite,
-        metadata={"source": "LIDC-IDRI (TCIA DICOM + XML)", "preprocessing": summary_options},
+    # the destination is checked before the (long) walk over the source
+    writer = open_dataset(
+        out, "lidc", "CT", options.num_readers, 1, overwrite, "LIDC-IDRI (TCIA DICOM + XML)", summary_options
     )
-    writer.check_destination()  # before the (long) walk over the source
     tasks = discover_scans(source, options, tuple(xml_dirs), summary, strict, progress)
     if not tasks:
         raise InputError(f"{source}: no CT series with an LIDC annotation file (LidcReadMessage XML) found")
     split_of = split_patients([t.patient_id for t in tasks], split_fractions, seed)
-    with writer:
-        worker = WriteInWorker(process_scan, os.fspath(writer.root), options.num_readers, image_channels=1)
-        for _, result in run_tasks(
-            worker,
-            tasks,
-            describe=lambda t: t.dicom_dir,
-            workers=workers,
-            strict=strict,
-            progress=progress,
-            desc="LIDC scans",
-            on_failure=summary.record_failure,
-        ):
-            register_written_samples(writer, summary, result.samples, split_of)
-            summary.warnings.extend(result.warnings)
-            summary.counts.update(result.counts)
-            summary.count("scans_converted")
-        finish_import(writer, summary, source)
-    return summary
+
+    def record(result: Any) -> None:  # a ScanResult whose samples the worker wrote (WrittenSample)
+        register_written_samples(writer, summary, result.samples, split_of)
+        summary.warnings.extend(result.warnings)
+        summary.counts.update(result.counts)
+        summary.count("scans_converted")
+
+    return import_tasks(
+        writer,
+        summary,
+        source,
+        process_scan,
+        tasks,
+        lambda t: t.dicom_dir,
+        record,
+        write_in_worker=True,
+        workers=workers,
+        strict=strict,
+        progress=progress,
+        desc="LIDC scans",
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -533,7 +527,9 @@ def main(args: argparse.Namespace) -> int:
         min_readers=args.min_readers,
         include_outline=args.include_outline,
     )
-    summary = prepare_lidc(
+    return run_import(
+        prepare_lidc,
+        args,
         args.source,
         args.out,
         options,
@@ -541,10 +537,4 @@ def main(args: argparse.Namespace) -> int:
         split_fractions=tuple(args.split_fractions),
         seed=args.seed,
         workers=args.workers,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=args.progress,
     )
-    print(summary.format())
-    print(f"wrote {args.out}")
-    return 0

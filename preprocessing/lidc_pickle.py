@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ambiseg_monai.data.datalist import DatasetWriter, split_patients
+from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
     ImportSummary,
@@ -48,8 +48,9 @@ from .common import (
     add_split_arguments,
     check_binary_mask,
     check_finite,
-    finish_import,
-    run_tasks,
+    import_tasks,
+    open_dataset,
+    run_import,
     write_samples,
 )
 
@@ -163,16 +164,7 @@ def prepare_lidc_pickle(
     if split == "seeded":
         options.update(split_fractions=list(split_fractions), seed=seed)
     summary = ImportSummary("lidc-pickle", options)
-    writer = DatasetWriter(
-        out,
-        name="lidc",
-        modality="CT",
-        num_raters=4,
-        image_channels=1,
-        overwrite=overwrite,
-        metadata={"source": "community LIDC pickle (data_lidc.pickle)", "preprocessing": options},
-    )
-    writer.check_destination()
+    writer = open_dataset(out, "lidc", "CT", 4, 1, overwrite, "community LIDC pickle (data_lidc.pickle)", options)
     data = load_pickle(source)
     patients = sorted({patient_of(key) for key in data})
     if split == "ambdiffseg":
@@ -184,19 +176,18 @@ def prepare_lidc_pickle(
     else:
         split_of = split_patients(patients, split_fractions, seed)
     entries = [(os.fspath(source), key, value) for key, value in data.items()]
-    with writer:
-        for _, sample in run_tasks(
-            convert_entry,
-            entries,
-            describe=lambda e: f"{e[0]} [{e[1]}]",
-            strict=strict,
-            progress=progress,
-            desc="LIDC pickle",
-            on_failure=summary.record_failure,
-        ):
-            write_samples(writer, summary, [sample], split_of)
-        finish_import(writer, summary, source)
-    return summary
+    return import_tasks(
+        writer,
+        summary,
+        source,
+        convert_entry,
+        entries,
+        lambda e: f"{e[0]} [{e[1]}]",
+        lambda sample: write_samples(writer, summary, [sample], split_of),
+        strict=strict,
+        progress=progress,
+        desc="LIDC pickle",
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -214,16 +205,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare lidc-pickle``."""
-    summary = prepare_lidc_pickle(
-        args.source,
-        args.out,
-        args.split,
-        tuple(args.split_fractions),
-        args.seed,
-        args.strict,
-        args.overwrite,
-        args.progress,
+    return run_import(
+        prepare_lidc_pickle, args, args.source, args.out, args.split, tuple(args.split_fractions), args.seed
     )
-    print(summary.format())
-    print(f"wrote {args.out}")
-    return 0

@@ -36,24 +36,26 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ambiseg_monai.data.datalist import DatasetWriter, split_patients
+from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
     ImportSummary,
     InputError,
     Sample,
-    WriteInWorker,
+    WrittenSample,
     add_output_arguments,
+    add_size_argument,
     add_split_arguments,
     add_worker_arguments,
     check_binary_mask,
     check_finite,
-    finish_import,
+    import_tasks,
     normalise_minmax,
+    open_dataset,
     register_written_samples,
     resize_image,
     resize_masks,
-    run_tasks,
+    run_import,
 )
 
 __all__ = [
@@ -227,16 +229,16 @@ def prepare_ms_isbi2015(
         "seed": seed,
     }
     summary = ImportSummary("ms-isbi2015", options)
-    writer = DatasetWriter(
+    writer = open_dataset(
         out,
-        name="ms_isbi2015",
-        modality="MR",
-        num_raters=len(RATERS),
-        image_channels=len(SEQUENCES),
-        overwrite=overwrite,
-        metadata={"source": "ISBI 2015 longitudinal MS lesion segmentation", "preprocessing": options},
+        "ms_isbi2015",
+        "MR",
+        len(RATERS),
+        len(SEQUENCES),
+        overwrite,
+        "ISBI 2015 longitudinal MS lesion segmentation",
+        options,
     )
-    writer.check_destination()
     found = find_timepoints(
         source,
         {
@@ -249,9 +251,7 @@ def prepare_ms_isbi2015(
     )
     tasks = [t for t in found if isinstance(t, TimepointTask)]
     for error in (e for e in found if isinstance(e, InputError)):
-        if strict:
-            raise InputError(f"{error} (stopped because of --strict)")
-        summary.skipped.append({"source": str(error).split(":")[0], "reason": str(error)})
+        summary.skip_input(str(error), strict)
     subjects = sorted({t.subject for t in tasks})
     unknown = sorted((set(test_subjects) | set(validation_subjects)) - set(subjects))
     if unknown:
@@ -259,30 +259,31 @@ def prepare_ms_isbi2015(
     fixed = {**dict.fromkeys(validation_subjects, "validation"), **dict.fromkeys(test_subjects, "test")}
     rest = [s for s in subjects if s not in fixed]
     split_of = {**(split_patients(rest, split_fractions, seed) if rest else {}), **fixed}
-    with writer:
-        worker = WriteInWorker(convert_timepoint, os.fspath(writer.root), len(RATERS), len(SEQUENCES))
-        for _, samples in run_tasks(
-            worker,
-            tasks,
-            describe=lambda t: t.images[0],
-            workers=workers,
-            strict=strict,
-            progress=progress,
-            desc="ISBI 2015 time points",
-            on_failure=summary.record_failure,
-        ):
-            register_written_samples(writer, summary, samples, split_of)
-            summary.count("timepoints_converted")
-        finish_import(writer, summary, source)
-    return summary
+
+    def record(samples: list[WrittenSample]) -> None:
+        register_written_samples(writer, summary, samples, split_of)
+        summary.count("timepoints_converted")
+
+    return import_tasks(
+        writer,
+        summary,
+        source,
+        convert_timepoint,
+        tasks,
+        lambda t: t.images[0],
+        record,
+        write_in_worker=True,
+        workers=workers,
+        strict=strict,
+        progress=progress,
+        desc="ISBI 2015 time points",
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ambiseg prepare ms-isbi2015``."""
     parser.add_argument("--source", required=True, help="the ISBI 2015 folder (holding training/trainingNN/...)")
-    parser.add_argument(
-        "--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="slice size (default 64 64)"
-    )
+    add_size_argument(parser, (64, 64), "slice size (default 64 64)")
     parser.add_argument("--keep-aspect", action="store_true", help="zero-pad slices to a square before resizing")
     parser.add_argument("--lesion-slices-only", action="store_true", help="keep only slices with a rater's lesion")
     parser.add_argument(
@@ -300,7 +301,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare ms-isbi2015``."""
-    summary = prepare_ms_isbi2015(
+    return run_import(
+        prepare_ms_isbi2015,
+        args,
         args.source,
         args.out,
         tuple(args.size),
@@ -312,10 +315,4 @@ def main(args: argparse.Namespace) -> int:
         tuple(args.split_fractions),
         args.seed,
         args.workers,
-        args.strict,
-        args.overwrite,
-        args.progress,
     )
-    print(summary.format())
-    print(f"wrote {args.out}")
-    return 0

@@ -34,21 +34,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ambiseg_monai.data.datalist import DatasetWriter
-
 from .common import (
     ImportSummary,
     InputError,
     Sample,
     add_output_arguments,
+    add_size_argument,
     check_binary_mask,
     check_finite,
-    finish_import,
     image_size,
+    import_tasks,
     normalise_minmax,
+    open_dataset,
     resize_image,
     resize_masks,
-    run_tasks,
+    run_import,
     write_samples,
 )
 
@@ -220,38 +220,33 @@ def prepare_qubiq(
         "require_raters": require_raters,
     }
     summary = ImportSummary(f"qubiq-{task}", options)
-    writer = DatasetWriter(
-        out,
-        name=f"qubiq_{task.replace('-', '_')}_task{subtask}",
-        modality=spec.modality,
-        num_raters=spec.raters,
-        image_channels=spec.channels,
-        overwrite=overwrite,
-        metadata={"source": "QUBIQ", "preprocessing": options},
-    )
-    writer.check_destination()
+    name = f"qubiq_{task.replace('-', '_')}_task{subtask}"
+    writer = open_dataset(out, name, spec.modality, spec.raters, spec.channels, overwrite, "QUBIQ", options)
     tasks = [
         CaseTask(os.fspath(folder), split, task, subtask, require_raters, image_size(size))
         for split, folder in find_cases(source, task)
     ]
-    with writer:
-        for _, sample in run_tasks(
-            convert_case,
-            tasks,
-            describe=lambda t: t.folder,
-            strict=strict,
-            progress=progress,
-            desc=f"QUBIQ {task}",
-            on_failure=summary.record_failure,
-        ):
-            if sample.label.shape[0] != spec.raters:
-                summary.warn(
-                    f"{sample.metadata['source_case']}: {sample.label.shape[0]} raters instead of {spec.raters} "
-                    "(recorded as the item's num_raters)"
-                )
-            write_samples(writer, summary, [sample])
-        finish_import(writer, summary, source)
-    return summary
+
+    def record(sample: Sample) -> None:
+        if sample.label.shape[0] != spec.raters:
+            summary.warn(
+                f"{sample.metadata['source_case']}: {sample.label.shape[0]} raters instead of {spec.raters} "
+                "(recorded as the item's num_raters)"
+            )
+        write_samples(writer, summary, [sample])
+
+    return import_tasks(
+        writer,
+        summary,
+        source,
+        convert_case,
+        tasks,
+        lambda t: t.folder,
+        record,
+        strict=strict,
+        progress=progress,
+        desc=f"QUBIQ {task}",
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -262,23 +257,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--require-raters", action="store_true", help="treat a case with an unusual rater count as broken"
     )
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize every case")
+    add_size_argument(parser)
     add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare qubiq``."""
-    summary = prepare_qubiq(
-        args.source,
-        args.out,
-        args.task,
-        args.subtask,
-        args.require_raters,
-        tuple(args.size) if args.size else None,
-        args.strict,
-        args.overwrite,
-        args.progress,
-    )
-    print(summary.format())
-    print(f"wrote {args.out}")
-    return 0
+    size = tuple(args.size) if args.size else None
+    return run_import(prepare_qubiq, args, args.source, args.out, args.task, args.subtask, args.require_raters, size)

@@ -530,21 +530,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modality", nargs="+", help="modalities the deploy app accepts (default: metadata, else CT MR)"
     )
-    norm = parser.add_mutually_exclusive_group()
-    norm.add_argument(
-        "--window",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        help="intensity window in scanner units (HU for CT) mapped to [0, 1]",
-    )
-    norm.add_argument(
-        "--percentiles",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        help="per-slice percentile min-max normalisation to [0, 1]",
-    )
+    norm = parser.add_mutually_exclusive_group()  # the intensity normalisation: a LOW HIGH range, or none
+    for flag, help_text in (
+        ("--window", "intensity window in scanner units (HU for CT) mapped to [0, 1]"),
+        ("--percentiles", "per-slice percentile min-max normalisation to [0, 1]"),
+    ):
+        norm.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), help=help_text)
     norm.add_argument("--no-normalisation", action="store_true", help="images are used as they are")
     parser.add_argument("--class-label", type=int, help="class label for models conditioned on a level / rater id")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference traced vs eager")
