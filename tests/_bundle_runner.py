@@ -7,10 +7,62 @@ import os
 from pathlib import Path
 
 import mlflow
-from monai.bundle import ConfigWorkflow
-
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO = Path(__file__).resolve().parents[1]
+# Each bundle's smallest settings for tests on the 16 x 16 demo data (networks, batch, sampling steps)
+SMALL_SETTINGS = {
+    # prob_unet: 2 levels; phiseg: 3 levels, 2 of them latent
+    "prob_unet": {"unet_channels": [8, 16], "num_res_units": 1},
+    "phiseg": {"channels": [8, 16, 16], "latent_levels": 2, "convs_per_level": 1},
+    "cimd": {
+        "unet_channels": [8, 8], "unet_norm_groups": 4, "unet_head_channels": 8, "num_train_timesteps": 20,
+        "batch_size": 4, "num_val_samples": 2, "val_inference_steps": 2, "eval_inference_steps": 2,
+        "eval_batch_size": 4,
+    },
+    "ambdiffseg": {
+        "unet_channels": [8, 16], "unet_res_blocks": [1, 1], "unet_norm_groups": 4, "unet_head_channels": 8,
+        "batch_size": 4, "num_inference_steps": 3, "amp": False,
+    },
+    "consensus_diffusion": {
+        "unet_channels": [8, 16], "unet_norm_groups": 4, "unet_head_channels": 4, "rrdb_features": 4,
+        "rrdb_blocks": 1, "rrdb_growth_channels": 2, "batch_size": 4, "val_batch_size": 4,
+        "num_val_generations": 2, "val_inference_steps": 3, "amp": False,
+    },
+}  # fmt: skip
+
+
+def latent_bundle_configs(method: str) -> Path:
+    """The config folder of ``bundles/<method>``."""
+    return REPO / "bundles" / method / "configs"
+
+
+def latent_overrides(method: str, dataset_dir: str, root: Path, **extra) -> dict:
+    """Small network, 1 epoch with validation; the bundle's own relative output paths are kept.
+
+    The MLflow store gets an absolute URI: MLflow caches one store per URI string, so the bundle's relative
+    ``sqlite:///mlruns.db`` would keep writing to the first test's folder after a change of directory.
+    """
+    return {
+        "dataset_dir": dataset_dir, "demo_dir": None, "tracking_uri": f"sqlite:///{root / 'mlruns.db'}",
+        **SMALL_SETTINGS[method], "batch_size": 4, "max_epochs": 1, "val_interval": 1, **extra,
+    }  # fmt: skip
+
+
+def bundle_parser(configs: Path, *overlays: str) -> ConfigParser:
+    """A parser of ``configs/train.json`` with the named overlays of the same folder on top."""
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), *(str(configs / name) for name in overlays)])
+    return parser
+
+
+def bundle_settings(small: dict, tmp_path: Path, dataset: str, **extra) -> dict:
+    """``monai.bundle run`` overrides: the ``small`` network settings, the dataset, and outputs and MLflow
+    store under ``tmp_path``."""
+    return {
+        **small, "dataset_dir": dataset, "demo_dir": None, "output_dir": str(tmp_path / "run"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", **extra,
+    }  # fmt: skip
 
 
 def link_bundles(folder: Path) -> None:

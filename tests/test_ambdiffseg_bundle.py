@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from monai.bundle import ConfigParser, run
+from _bundle_runner import SMALL_SETTINGS, bundle_parser, bundle_settings
+from monai.bundle import run
 
 from ambiseg_monai.bundle_config import merged_config
 
@@ -24,32 +26,11 @@ ABLATIONS = {
     "ablation_weighting_uniform.json": ("x", "uniform"),
     "ablation_weighting_sigmoid.json": ("x", "sigmoid"),
 }
-TINY = {
-    "unet_channels": [8, 16],
-    "unet_res_blocks": [1, 1],
-    "unet_norm_groups": 4,
-    "unet_head_channels": 8,
-    "batch_size": 4,
-    "num_inference_steps": 3,
-    "amp": False,
-}
+TINY = SMALL_SETTINGS["ambdiffseg"]
 
 
-def _parser(*overlays: str) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([TRAIN, *(str(CONFIGS / name) for name in overlays)])
-    return parser
-
-
-def _settings(tmp_path: Path, dataset: str, **extra) -> dict:
-    return {
-        **TINY,
-        "dataset_dir": dataset,
-        "demo_dir": None,
-        "output_dir": str(tmp_path / "run"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
-        **extra,
-    }
+_parser = partial(bundle_parser, CONFIGS)  # _parser(*overlays): train.json with the overlays on top
+_settings = partial(bundle_settings, TINY)  # _settings(tmp_path, dataset, **extra): run overrides
 
 
 def test_every_config_file_is_valid_json_with_the_expected_entry_points():

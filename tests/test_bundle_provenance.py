@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from _bundle_runner import SMALL_SETTINGS
 
 from ambiseg_monai.data.datalist import load_datalist
 from ambiseg_monai.reporting import code_version, datalist_sha256, naming
@@ -22,17 +23,7 @@ from ambiseg_monai.reporting.tracking import OFFLINE_URI_ENV, TrackingServerUnre
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 COMMON = {"max_epochs": 1, "val_interval": 1, "batch_size": 4, "amp": False}
-CIMD_TINY = {
-    **COMMON,
-    "unet_channels": [8, 8],
-    "unet_norm_groups": 4,
-    "unet_head_channels": 8,
-    "num_train_timesteps": 20,
-    "num_val_samples": 2,
-    "val_inference_steps": 2,
-    "eval_inference_steps": 2,
-    "eval_batch_size": 4,
-}
+CIMD_TINY = {**COMMON, **SMALL_SETTINGS["cimd"]}
 PROB_UNET_TINY = {**COMMON, "unet_channels": [8, 16], "kl_samples": 2}
 EXECUTED_CONFIG = f"{naming.CONFIG_ARTIFACT_DIR}/{naming.EXECUTED_CONFIG_NAME}"
 

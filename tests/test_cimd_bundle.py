@@ -11,26 +11,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _bundle_runner import SMALL_SETTINGS
 from monai.bundle import ConfigWorkflow
 
 from ambiseg_monai.data.nifti import load_channel_first_nifti, save_channel_first_nifti
 from ambiseg_monai.handlers import latest_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "cimd" / "configs"
-TINY = {
-    "unet_channels": [8, 8],
-    "unet_norm_groups": 4,
-    "unet_head_channels": 8,
-    "num_train_timesteps": 20,
-    "batch_size": 4,
-    "num_val_samples": 2,
-    "val_inference_steps": 2,
-    "eval_inference_steps": 2,
-    "inference_steps": 2,
-    "num_inference_samples": 3,
-    "eval_batch_size": 4,
-    "amp": False,
-}
+TINY = {**SMALL_SETTINGS["cimd"], "inference_steps": 2, "num_inference_samples": 3, "amp": False}
 
 
 def _run(files: list[str], run_id: str, **overrides):

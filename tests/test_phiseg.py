@@ -7,11 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from _latent_training import sample_toy_batch, train_on_toy_batches
 
-from ambiseg_monai.engines.latent_models import LatentSampleInferer, LatentTrainingInferer, PHiSegELBOLoss
-from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
+from ambiseg_monai.engines.latent_models import LatentSampleInferer, PHiSegELBOLoss
 from ambiseg_monai.networks.latent_distributions import AxisAlignedGaussian, latent_kl_divergence
 from ambiseg_monai.networks.phiseg import HierarchicalLikelihood, PHiSeg
 
@@ -156,50 +154,12 @@ def test_phiseg_loss_reports_divergence_and_bad_shapes():
         loss_fn({"logits": torch.zeros(1, 1, 4, 4), "kl": torch.zeros(1, 2)}, torch.zeros(1, 1, 4, 4))
 
 
-def _toy_batches(num_batches: int):
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(num_batches):
-        target = torch.zeros(4, 1, 32, 32)
-        for b in range(4):
-            r, c = torch.randint(4, 20, (2,), generator=generator).tolist()
-            target[b, 0, r : r + 8, c : c + 8] = 1
-        image = target + 0.1 * torch.randn(target.shape, generator=generator)
-        batches.append({"image": image, "target": target, "label": target.repeat(1, 3, 1, 1)})
-    return batches
-
-
 def test_short_supervised_training_decreases_the_loss():
     torch.manual_seed(0)
     net = _tiny_phiseg()
-    loss_fn = PHiSegELBOLoss()
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=10,
-        train_data_loader=_toy_batches(3),
-        network=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=3e-3),
-        loss_function=loss_fn,
-        prepare_batch=DiffusionTrainingPrepareBatch(channels_last=False),
-        inferer=LatentTrainingInferer(),
-        decollate=False,
-    )
-    losses, reconstructions = [], []
-
-    def record(engine):
-        losses.append(engine.state.output["loss"].item())
-        reconstructions.append(loss_fn.last_terms["reconstruction"])
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
-    trainer.run()
+    losses, reconstructions = train_on_toy_batches(net, PHiSegELBOLoss(), max_epochs=10)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
     assert np.mean(reconstructions[-5:]) < 0.5 * np.mean(reconstructions[:3])  # learnt, not only KL shrinkage
 
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=_toy_batches(1), network=net,
-        prepare_batch=SamplingPrepareBatch(channels_last=False),
-        inferer=LatentSampleInferer(num_samples=3, return_stats=True), decollate=False,
-    )
-    evaluator.run()
-    pred = evaluator.state.output["pred"]
+    pred = sample_toy_batch(net, LatentSampleInferer(num_samples=3, return_stats=True))
     assert pred["pred"].shape == (4, 3, 32, 32) and pred["mean"].shape == (4, 1, 32, 32)

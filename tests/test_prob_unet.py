@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine, Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from _latent_training import sample_toy_batch, train_on_toy_batches
+from ignite.engine import Engine
 from torch import nn
 
 from ambiseg_monai.engines.latent_models import LatentSampleInferer, LatentTrainingInferer, ProbUNetELBOLoss
-from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
 from ambiseg_monai.networks.latent_distributions import (
     CHOLESKY_DIAGONAL_EPS,
     AxisAlignedGaussian,
@@ -354,53 +353,14 @@ def test_seeded_sampling_is_repeatable_and_independent_of_the_batch():
         inferer(images, net, image_ids=["case_a"])
 
 
-def _toy_batches(num_batches: int):
-    """Images with a bright square whose mask is the target (plus an all-rater label stack)."""
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(num_batches):
-        target = torch.zeros(4, 1, 32, 32)
-        for b in range(4):
-            r, c = torch.randint(4, 20, (2,), generator=generator).tolist()
-            target[b, 0, r : r + 8, c : c + 8] = 1
-        image = target + 0.1 * torch.randn(target.shape, generator=generator)
-        batches.append({"image": image, "target": target, "label": target.repeat(1, 3, 1, 1)})
-    return batches
-
-
 def test_short_supervised_training_decreases_the_loss_and_evaluator_samples():
     torch.manual_seed(0)
     net = _tiny_net(MixtureOfFullCovarianceGaussians(latent_dim=2, num_components=2))
     loss_fn = ProbUNetELBOLoss(beta=1.0, network=net)
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=12,
-        train_data_loader=_toy_batches(3),
-        network=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=3e-3),
-        loss_function=loss_fn,
-        prepare_batch=DiffusionTrainingPrepareBatch(channels_last=False),
-        inferer=LatentTrainingInferer(),
-        train_handlers=[loss_fn],
-        decollate=False,
-    )
-    losses, reconstructions = [], []
-
-    def record(engine):
-        losses.append(engine.state.output["loss"].item())
-        reconstructions.append(loss_fn.last_terms["reconstruction"])
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
-    trainer.run()
+    losses, reconstructions = train_on_toy_batches(net, loss_fn, max_epochs=12, train_handlers=[loss_fn])
     assert len(losses) == 36 and loss_fn.iteration == 36
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
     assert np.mean(reconstructions[-5:]) < 0.5 * np.mean(reconstructions[:3])  # learnt, not only KL shrinkage
 
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=_toy_batches(1), network=net,
-        prepare_batch=SamplingPrepareBatch(channels_last=False), inferer=LatentSampleInferer(num_samples=3),
-        decollate=False,
-    )
-    evaluator.run()
-    pred = evaluator.state.output["pred"]
+    pred = sample_toy_batch(net, LatentSampleInferer(num_samples=3))
     assert pred.shape == (4, 3, 32, 32) and set(pred.unique().tolist()) <= {0.0, 1.0}

@@ -31,7 +31,7 @@ from ambiseg_monai.networks.latent_distributions import (
     latent_kl_divergence,
     sample_with_generators,
 )
-from ambiseg_monai.networks.prob_unet import check_binary_target
+from ambiseg_monai.networks.prob_unet import LatentSegmentationNetwork, check_binary_target
 
 __all__ = ["HierarchicalLatentEncoder", "HierarchicalLikelihood", "PHiSeg"]
 
@@ -209,7 +209,7 @@ class HierarchicalLikelihood(nn.Module):
         return full.flip(1).cumsum(1).flip(1)
 
 
-class PHiSeg(nn.Module):
+class PHiSeg(LatentSegmentationNetwork):
     """PHiSeg for binary masks.
 
     Args:
@@ -223,6 +223,8 @@ class PHiSeg(nn.Module):
 
     Image height and width must be divisible by ``2 ** (len(channels) - 1)``.
     """
+
+    level_name = "resolution levels"
 
     def __init__(
         self,
@@ -250,17 +252,6 @@ class PHiSeg(nn.Module):
         )
         self.likelihood = HierarchicalLikelihood(self.channels, latent_levels, latent_dim, norm)
 
-    def _check_image(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != self.in_channels:
-            raise ValueError(
-                f"PHiSeg expects images of shape B x {self.in_channels} x H x W, got {tuple(image.shape)}."
-            )
-        if image.shape[2] % self.size_divisor or image.shape[3] % self.size_divisor:
-            raise ValueError(
-                f"PHiSeg with {len(self.channels)} resolution levels needs H and W divisible by "
-                f"{self.size_divisor}, got {tuple(image.shape[2:])}."
-            )
-
     def forward(self, image: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training pass with posterior samples.
 
@@ -281,23 +272,10 @@ class PHiSeg(nn.Module):
         level_logits = self.likelihood(z, image.shape[2:])
         return {"logits": level_logits[:, :1], "level_logits": level_logits, "kl": kl}
 
-    def sample(
-        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None = None
+    def _sample(
+        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None
     ) -> torch.Tensor:
-        """Draw ``num_samples`` latent hierarchies per image from the prior and decode them.
-
-        Args:
-            image: ``B x C x H x W``.
-            num_samples: ``N``.
-            generators: optional ``B * N`` CPU generators, image-major (row ``b * N + n``); sample ``(b, n)``
-                then depends only on its own generator, not on the batch. ``None``: the global RNG.
-
-        Returns:
-            ``B x N x H x W`` logits (foreground where ``> 0``).
-        """
-        self._check_image(image)
-        if num_samples < 1:
-            raise ValueError(f"PHiSeg.sample: num_samples must be >= 1, got {num_samples}.")
+        """Latent hierarchies from the prior (each level conditioned on the prior's own coarser samples)."""
         _, z = self.prior(image, num_samples=num_samples, generators=generators)  # rows image-major: b * N + n
         logits = self.likelihood(z, image.shape[2:])[:, 0]
         return logits.reshape(image.shape[0], num_samples, *image.shape[2:])

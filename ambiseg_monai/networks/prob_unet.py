@@ -27,7 +27,7 @@ from ambiseg_monai.networks.latent_distributions import (
     sample_with_generators,
 )
 
-__all__ = ["LatentEncoder", "ProbabilisticUNet", "check_binary_target"]
+__all__ = ["LatentEncoder", "LatentSegmentationNetwork", "ProbabilisticUNet", "check_binary_target"]
 
 
 def check_binary_target(owner: str, image: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +104,59 @@ class LatentEncoder(nn.Module):
         return self.latent_distribution(self.encode(x))
 
 
-class ProbabilisticUNet(nn.Module):
+class LatentSegmentationNetwork(nn.Module):
+    """Base of the latent-variable segmentation networks (:class:`ProbabilisticUNet`, PHiSeg): the image check
+    and the sampling entry point they share. It holds no parameters (subclasses' state_dict keys are their own).
+
+    Subclasses set ``in_channels``, ``channels`` (one entry per resolution level) and ``size_divisor``
+    (``2 ** (len(channels) - 1)``), and implement :meth:`_sample`; ``level_name`` words the size error.
+    """
+
+    in_channels: int
+    channels: tuple[int, ...]
+    size_divisor: int
+    level_name = "levels"
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        """``image`` must be ``B x in_channels x H x W`` with ``H`` and ``W`` divisible by ``size_divisor``."""
+        owner = type(self).__name__
+        if image.ndim != 4 or image.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{owner} expects images of shape B x {self.in_channels} x H x W, got {tuple(image.shape)}."
+            )
+        if image.shape[2] % self.size_divisor or image.shape[3] % self.size_divisor:
+            raise ValueError(
+                f"{owner} with {len(self.channels)} {self.level_name} needs H and W divisible by "
+                f"{self.size_divisor}, got {tuple(image.shape[2:])}."
+            )
+
+    def sample(
+        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Draw ``num_samples`` latents per image from the prior and decode them.
+
+        Args:
+            image: ``B x C x H x W``.
+            num_samples: ``N``.
+            generators: optional ``B * N`` CPU generators, image-major (row ``b * N + n``); sample ``(b, n)``
+                then depends only on its own generator, not on the batch. ``None``: the global RNG.
+
+        Returns:
+            ``B x N x H x W`` logits (foreground where ``> 0``).
+        """
+        self._check_image(image)
+        if num_samples < 1:
+            raise ValueError(f"{type(self).__name__}.sample: num_samples must be >= 1, got {num_samples}.")
+        return self._sample(image, num_samples, generators)
+
+    def _sample(
+        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None
+    ) -> torch.Tensor:
+        """:meth:`sample` after its checks: ``B x C x H x W`` -> ``B x N x H x W`` logits."""
+        raise NotImplementedError
+
+
+class ProbabilisticUNet(LatentSegmentationNetwork):
     """Probabilistic U-Net for binary masks, with a pluggable latent family.
 
     Args:
@@ -167,17 +219,6 @@ class ProbabilisticUNet(nn.Module):
         combiner.append(Convolution(2, width, 1, kernel_size=1, conv_only=True))
         self.combiner = nn.Sequential(*combiner)
 
-    def _check_image(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != self.in_channels:
-            raise ValueError(
-                f"ProbabilisticUNet expects images of shape B x {self.in_channels} x H x W, got {tuple(image.shape)}."
-            )
-        if image.shape[2] % self.size_divisor or image.shape[3] % self.size_divisor:
-            raise ValueError(
-                f"ProbabilisticUNet with {len(self.channels)} levels needs H and W divisible by "
-                f"{self.size_divisor}, got {tuple(image.shape[2:])}."
-            )
-
     def combine(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Tile ``z`` (``B x D``) over the ``B x F x H x W`` features and map to ``B x 1 x H x W`` logits."""
         tiled = z[:, :, None, None].expand(-1, -1, *features.shape[2:])
@@ -203,23 +244,10 @@ class ProbabilisticUNet(nn.Module):
         kl = latent_kl_divergence(posterior, prior, num_samples=self.kl_samples)
         return {"logits": self.combine(features, z), "kl": kl}
 
-    def sample(
-        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None = None
+    def _sample(
+        self, image: torch.Tensor, num_samples: int, generators: Sequence[torch.Generator] | None
     ) -> torch.Tensor:
-        """Draw ``num_samples`` latent vectors per image from the prior and decode them.
-
-        Args:
-            image: ``B x C x H x W``.
-            num_samples: ``N``.
-            generators: optional ``B * N`` CPU generators, image-major (row ``b * N + n``); sample ``(b, n)``
-                then depends only on its own generator, not on the batch. ``None``: the global RNG.
-
-        Returns:
-            ``B x N x H x W`` logits (foreground where ``> 0``).
-        """
-        self._check_image(image)
-        if num_samples < 1:
-            raise ValueError(f"ProbabilisticUNet.sample: num_samples must be >= 1, got {num_samples}.")
+        """Latent vectors from the prior: the U-Net and the prior run once per image, the combiner per sample."""
         batch = image.shape[0]
         features = self.unet(image)  # once per image, shared by its N samples
         prior_params = self.prior.encode(image)  # once per image
