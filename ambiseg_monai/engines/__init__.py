@@ -1,6 +1,10 @@
 """Engine pieces for MONAI's SupervisedTrainer / SupervisedEvaluator: prepare_batch, inferers, helpers."""
 
 from ambiseg_monai.engines.bundle_helpers import (
+    BundleExit,
+    BundleInputError,
+    DatasetNotPreparedError,
+    InferenceInputError,
     cpu_autocast_dtype,
     cpu_has_native_bf16,
     inference_items,
@@ -35,6 +39,10 @@ __all__ = [
     "mask_to_symmetric",
     "sample_statistics",
     "inference_items",
+    "BundleExit",
+    "BundleInputError",
+    "DatasetNotPreparedError",
+    "InferenceInputError",
     "network_to_device",
     "padded_rater_count",
     "prepare_dataset",

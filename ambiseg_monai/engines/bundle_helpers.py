@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 
-from ambiseg_monai.data.datalist import DATALIST_FILENAME, load_datalist, load_split, max_num_raters, validate_datalist
+from ambiseg_monai.data.datalist import (
+    DATALIST_FILENAME,
+    DatalistError,
+    load_datalist,
+    load_split,
+    max_num_raters,
+    validate_datalist,
+)
 from ambiseg_monai.data.nifti import is_nifti_path
 
 __all__ = [
+    "BundleInputError",
+    "DatasetNotPreparedError",
+    "InferenceInputError",
+    "BundleExit",
+    "debug_enabled",
+    "prepare_command",
     "prepare_dataset",
     "padded_rater_count",
     "network_to_device",
@@ -21,6 +38,108 @@ __all__ = [
 ]
 
 
+#: environment switch: set to 1 to get the full traceback of a bundle run's input error
+DEBUG_ENV = "AMBISEG_DEBUG"
+
+#: the 2D QUBIQ tasks of ``ambiseg prepare qubiq --task`` (preprocessing/qubiq.py)
+_QUBIQ_TASKS = ("brain-growth", "brain-tumor", "kidney", "prostate")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class BundleInputError(ValueError):
+    """An input or setting of a bundle run is wrong (a dataset not prepared, a wrong ``--input_dir``,
+    ``image_channels`` not matching the data); the message names the file or setting and the fix."""
+
+
+class DatasetNotPreparedError(BundleInputError, DatalistError):
+    """``dataset_dir`` holds no ``datalist.json``: the dataset was not prepared (``ambiseg prepare ...``)."""
+
+
+class InferenceInputError(BundleInputError, FileNotFoundError):
+    """Inference's ``input_dir`` does not exist or is not a folder of NIfTI images or a dataset."""
+
+
+class BundleExit(SystemExit):
+    """Ends ``python -m monai.bundle run`` with a short message instead of a chained traceback.
+
+    Raised (from the original error) by :func:`prepare_dataset` and :func:`inference_items` only when
+    the process is the bundle command line and ``AMBISEG_DEBUG`` is not set: MONAI's config
+    expressions wrap every ``Exception`` in ``RuntimeError("Failed to evaluate ...")``, but a
+    ``SystemExit`` passes through them, and Python prints its message to stderr and exits with status 1.
+    Called from Python (``ConfigWorkflow``, tests, scripts), the helpers raise the ordinary errors
+    (:class:`BundleInputError`, :class:`~ambiseg_monai.data.datalist.DatalistError`), which can be caught.
+    """
+
+
+def debug_enabled() -> bool:
+    """True when ``AMBISEG_DEBUG`` is set (and not ``0`` / ``false`` / ``no``): errors keep their traceback."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _in_bundle_cli() -> bool:
+    """True in a ``python -m monai.bundle ...`` process (also each ``torchrun -m monai.bundle`` worker)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and str(spec.name).startswith("monai.bundle")
+
+
+def _short_errors_in_bundle_cli(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """In the bundle command line, turn the function's user errors into a :class:`BundleExit`."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except (BundleInputError, DatalistError) as error:
+            if not _in_bundle_cli() or debug_enabled():
+                raise
+            raise BundleExit(f"ambiseg: error: {error}\n(set {DEBUG_ENV}=1 to see the full traceback)") from error
+
+    return wrapper
+
+
+def prepare_command(dataset_dir: str | os.PathLike) -> str:
+    """The ``ambiseg prepare ...`` command that writes a dataset to ``dataset_dir``, guessed from the
+    folder's name as the bundles' overlays and docs/datasets.md name them (``data/lidc``,
+    ``data/ms_isbi2015``, ``data/qubiq_kidney``, ``data/bone_us``, ...); ``<...>`` marks what the user
+    fills in."""
+    out = str(dataset_dir)
+    name = Path(dataset_dir).name.lower()
+    if "demo" in name:
+        return f"ambiseg prepare demo --out {out}"
+    if name.startswith("lidc") and "pickle" in name:
+        return f"ambiseg prepare lidc-pickle --source <data_lidc.pickle> --out {out}"
+    if name.startswith("lidc"):
+        return f"ambiseg prepare lidc --source <LIDC-IDRI download folder> --out {out}"
+    if name.startswith("ms"):
+        return f"ambiseg prepare ms-isbi2015 --source <ISBI 2015 folder> --out {out}"
+    if name.startswith("qubiq"):
+        rest = name.removeprefix("qubiq").strip("_-")
+        task = rest.rstrip("0123456789")
+        subtask = f" --subtask {rest[len(task) :]}" if rest[len(task) :] else ""
+        task = task.strip("_-").replace("_", "-")
+        task = task if task in _QUBIQ_TASKS else "<task>"
+        return f"ambiseg prepare qubiq --source <QUBIQ data folder> --task {task}{subtask} --out {out}"
+    if name.startswith("bone_us"):
+        return f"ambiseg prepare folder --csv <cases.csv> --out {out} --name bone_us --modality US"
+    return f"ambiseg prepare <importer> ... --out {out}"
+
+
+def _not_prepared_message(path: Path) -> str:
+    command = prepare_command(path)
+    if "<importer>" in command:
+        see = "<importer>: one of demo, lidc, lidc-pickle, ms-isbi2015, qubiq, folder; see 'ambiseg prepare --help'"
+    else:
+        see = "options and other importers: 'ambiseg prepare --help'"
+    return (
+        f"{path / DATALIST_FILENAME}: no datalist found; dataset_dir '{path}' is not a prepared dataset. "
+        f"Prepare it with:\n    {command}\n"
+        f"({see}, docs/datasets.md), or set --dataset_dir to a prepared dataset."
+    )
+
+
+@_short_errors_in_bundle_cli
 def prepare_dataset(
     dataset_dir: str | os.PathLike,
     image_channels: int,
@@ -41,8 +160,14 @@ def prepare_dataset(
     bundle resizes its inputs). Results are remembered per file (path, size, modification time) in
     the dataset's ``.validation_cache.json``, so later starts only re-read files that changed.
 
+    In ``python -m monai.bundle run`` these errors end the run with a short message (the error's
+    text, no traceback; :class:`BundleExit`) unless ``AMBISEG_DEBUG=1`` is set.
+
     Raises:
-        ValueError: the dataset's ``image_channels`` differs from the network's, or the data fail
+        DatasetNotPreparedError: ``dataset_dir`` holds no ``datalist.json``; the message gives the
+            ``ambiseg prepare ...`` command that writes it.
+        ValueError: the dataset's ``image_channels`` differs from the network's
+            (:class:`BundleInputError`), or the data fail
             the contract (wrong rater count in a label file, missing files, non-binary labels,
             NaN pixels, mixed sizes, ...; the message names the datalist, the case and the file).
     """
@@ -51,9 +176,11 @@ def prepare_dataset(
         from ambiseg_monai.data.demo import ensure_demo_dataset
 
         ensure_demo_dataset(path, warn_if_different=True)
+    if not (path / DATALIST_FILENAME).is_file():
+        raise DatasetNotPreparedError(_not_prepared_message(path))
     datalist = load_datalist(path)
     if int(datalist["image_channels"]) != int(image_channels):
-        raise ValueError(
+        raise BundleInputError(
             f"{path / 'datalist.json'}: the dataset has image_channels={datalist['image_channels']} but the "
             f"bundle's network is configured for image_channels={image_channels}; set --image_channels "
             f"{datalist['image_channels']} (or use the dataset's overlay config)."
@@ -106,6 +233,7 @@ def cpu_autocast_dtype(device: str | torch.device, requested: bool = True) -> st
     return "bfloat16" if requested and torch.device(device).type == "cpu" and cpu_has_native_bf16() else None
 
 
+@_short_errors_in_bundle_cli
 def inference_items(source: str | os.PathLike, split: str = "test") -> list[dict]:
     """Items ``{"image", "image_path", "case_id"}`` to run inference on.
 
@@ -113,6 +241,13 @@ def inference_items(source: str | os.PathLike, split: str = "test") -> list[dict
         source: a folder of NIfTI images (``*.nii`` / ``*.nii.gz``; the case id is the file name
             without extension), a prepared dataset folder, or its ``datalist.json``.
         split: the datalist split to use when ``source`` is a dataset.
+
+    Raises:
+        InferenceInputError: ``source`` does not exist or is neither such a folder nor a dataset.
+        BundleInputError: ``source`` holds no NIfTI image.
+
+    In ``python -m monai.bundle run`` these errors end the run with a short message (see
+    :func:`prepare_dataset`).
     """
     path = Path(source)
     if path.is_file() and path.name == DATALIST_FILENAME:
@@ -126,7 +261,15 @@ def inference_items(source: str | os.PathLike, split: str = "test") -> list[dict
         files = sorted(f for f in path.iterdir() if f.is_file() and is_nifti_path(f))
         items = [{"image": str(f), "image_path": str(f), "case_id": f.name.split(".nii")[0]} for f in files]
     else:
-        raise FileNotFoundError(f"inference input '{source}' is neither a folder of NIfTI images nor a dataset.")
+        reason = "it does not exist" if not path.exists() else "it is a file"
+        raise InferenceInputError(
+            f"inference input '{source}' (input_dir) is neither a folder of NIfTI images nor a dataset: "
+            f"{reason}.\nSet --input_dir to a folder of *.nii / *.nii.gz images or to a prepared dataset "
+            "(or its datalist.json)."
+        )
     if not items:
-        raise ValueError(f"inference input '{source}' holds no NIfTI image (*.nii, *.nii.gz).")
+        raise BundleInputError(
+            f"inference input '{source}' (input_dir) holds no NIfTI image (*.nii, *.nii.gz); "
+            "set --input_dir to a folder of NIfTI images or to a prepared dataset."
+        )
     return items
