@@ -204,6 +204,16 @@ def test_a_signal_during_the_final_renames_waits_until_the_dataset_is_complete(t
         replace(source, destination)
 
     monkeypatch.setattr(datalist_module.os, "replace", replace_and_interrupt)
+    # the caller's handler is Python's default (KeyboardInterrupt), whatever an earlier test or library
+    # left installed: in first full runs on a fresh clone the signal otherwise vanished (cause not found)
+    caller_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _write_and_interrupt(tmp_path, rng)
+    finally:
+        signal.signal(signal.SIGINT, caller_handler)
+
+
+def _write_and_interrupt(tmp_path, rng):
     with pytest.raises(KeyboardInterrupt) as caught:  # delivered to the caller's handler, after the commit
         with DatasetWriter(tmp_path / "ds", name="toy", modality="CT", num_raters=3, image_channels=1) as writer:
             writer.add_item("training", "a", "p1", _image(rng), _raters(rng))
