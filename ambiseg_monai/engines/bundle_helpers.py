@@ -41,9 +41,6 @@ __all__ = [
 #: environment switch: set to 1 to get the full traceback of a bundle run's input error
 DEBUG_ENV = "AMBISEG_DEBUG"
 
-#: the 2D QUBIQ tasks of ``ambiseg prepare qubiq --task`` (preprocessing/qubiq.py)
-_QUBIQ_TASKS = ("brain-growth", "brain-tumor", "kidney", "prostate")
-
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -119,7 +116,9 @@ def prepare_command(dataset_dir: str | os.PathLike) -> str:
         task = rest.rstrip("0123456789")
         subtask = f" --subtask {rest[len(task) :]}" if rest[len(task) :] else ""
         task = task.strip("_-").replace("_", "-")
-        task = task if task in _QUBIQ_TASKS else "<task>"
+        from ambiseg_monai.preprocessing.qubiq import QUBIQ_TASKS  # error path only: keep start-up light
+
+        task = task if task in QUBIQ_TASKS else "<task>"
         return f"ambiseg prepare qubiq --source <QUBIQ data folder> --task {task}{subtask} --out {out}"
     if name.startswith("bone_us"):
         return f"ambiseg prepare folder --csv <cases.csv> --out {out} --name bone_us --modality US"
@@ -129,7 +128,9 @@ def prepare_command(dataset_dir: str | os.PathLike) -> str:
 def _not_prepared_message(path: Path) -> str:
     command = prepare_command(path)
     if "<importer>" in command:
-        see = "<importer>: one of demo, lidc, lidc-pickle, ms-isbi2015, qubiq, folder; see 'ambiseg prepare --help'"
+        from ambiseg_monai.cli import PREPARE_COMMANDS
+
+        see = f"<importer>: one of {', '.join(PREPARE_COMMANDS)}; see 'ambiseg prepare --help'"
     else:
         see = "options and other importers: 'ambiseg prepare --help'"
     return (
