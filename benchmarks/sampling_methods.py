@@ -35,8 +35,10 @@ from monai.bundle import ConfigParser
 from ambiseg_monai.diffusion.sampler import repeat_rows, take_rows
 
 try:
+    from benchmarks._common import print_table
     from benchmarks.timing import best_seconds
 except ImportError:  # run as a script: this folder is sys.path[0]
+    from _common import print_table
     from timing import best_seconds
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -204,10 +206,7 @@ def main() -> None:
         layout = ", channels-last" if device.type == "cuda" else ""
         layout += f", {max_rows} rows per call" if max_rows else ""
         rows.append((method, f"fast ({fast_steps} steps, batched{precision}{layout})", n / fast_s, note))
-    print("| method | setting | masks/s | ratio |")
-    print("|---|---|---|---|")
-    for method, setting, rate, note in rows:
-        print(f"| {method} | {setting} | {rate:.3g} | {note} |")
+    print_table(("method", "setting", "masks/s", "ratio"), ((m, s, f"{rate:.3g}", n) for m, s, rate, n in rows))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ from monai.bundle import ConfigParser
 from ambiseg_monai.bundle_config import resolve_macros
 from ambiseg_monai.data.demo import ensure_demo_dataset
 
+try:
+    from benchmarks._common import print_table
+except ImportError:  # run as a script: this folder is sys.path[0]
+    from _common import print_table
+
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")
 
@@ -109,10 +114,8 @@ def main() -> None:
             rows.append((method, "loader alone", loader_rate, f"{loader_rate / fastest:.0f}x the fastest training"))
     print(f"\ndevice={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
           f"threads={args.threads} image_size={args.image_size} epochs={args.epochs} (first is warm-up)")  # fmt: skip
-    print("| method | setting | it/s (loader: batches/s) | peak MiB / note |")
-    print("|---|---|---|---|")
-    for method, name, rate, extra in rows:
-        print(f"| {method} | {name} | {rate:.2f} | {extra} |")
+    header = ("method", "setting", "it/s (loader: batches/s)", "peak MiB / note")
+    print_table(header, ((method, name, f"{rate:.2f}", extra) for method, name, rate, extra in rows))
 
 
 if __name__ == "__main__":
