@@ -90,7 +90,14 @@ def test_cli_prepare_lidc_pickle(tmp_path):
 
 @pytest.mark.parametrize(
     "module, name",
-    [("numpy", "load"), ("numpy", "ndarray.tofile"), ("builtins", "eval"), ("posix", "system")],
+    [
+        ("numpy", "load"),
+        ("numpy", "ndarray.tofile"),
+        ("builtins", "eval"),
+        ("posix", "system"),
+        ("numpy.dtypes", "Float64DType"),  # was allowed by a module prefix (and led to the set_data attack)
+        ("numpy", "ObjectDtype"),  # was allowed by a name suffix
+    ],
 )
 def test_globals_outside_the_allowlist_are_refused(tmp_path, module, name):
     crafted = tmp_path / "crafted.pickle"
