@@ -5,7 +5,7 @@ An importer is a loop over *tasks* (one scan, one time point, one case): a worke
 task into samples (small C x H x W / R x H x W arrays), and the parent process writes them through
 :class:`ambiseg_monai.data.datalist.DatasetWriter`. Workers run in a ``ProcessPoolExecutor`` with a
 bounded look-ahead, so memory holds at most a few tasks' samples, never the dataset. Every importer
-opens its dataset with :func:`open_dataset`, runs that loop with :func:`import_tasks` and ends its
+opens its dataset with :func:`open_dataset`, runs that loop with :meth:`ImportJob.run` and ends its
 ``main`` with :func:`run_import`. For the heavy
 importers the workers also write the samples' NIfTI files into the writer's temporary folder
 (:class:`WriteInWorker`), and the parent only records the items, so compression runs in parallel.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import json
 import os
 import signal
@@ -69,7 +70,7 @@ __all__ = [
     "add_size_argument",
     "run_import",
     "open_dataset",
-    "import_tasks",
+    "ImportJob",
     "run_tasks",
     "write_samples",
     "WrittenSample",
@@ -168,16 +169,19 @@ def add_size_argument(
     )
 
 
-def run_import(
-    prepare: Callable[..., ImportSummary], args: argparse.Namespace, *arguments: Any, **keywords: Any
-) -> int:
+def run_import(prepare: Callable[..., ImportSummary], args: argparse.Namespace, **keywords: Any) -> int:
     """The end of every importer's ``main``: run its ``prepare_*`` function and report.
 
-    Calls ``prepare(*arguments, **keywords)`` with the options of :func:`add_output_arguments`
-    (``strict``, ``overwrite``, ``progress``) taken from ``args`` as keywords, prints the summary
-    (:meth:`ImportSummary.format`) and ``wrote OUT``; returns the exit status 0.
+    Calls ``prepare`` with every parameter of its signature that ``args`` holds under the same name
+    (the command-line options, including ``strict``, ``overwrite`` and ``progress`` of
+    :func:`add_output_arguments`; a list, as argparse gives ``nargs`` options, becomes a tuple),
+    then ``keywords`` (parameters named otherwise on the command line, or built from several
+    options), prints the summary (:meth:`ImportSummary.format`) and ``wrote OUT``; returns the exit
+    status 0.
     """
-    summary = prepare(*arguments, strict=args.strict, overwrite=args.overwrite, progress=args.progress, **keywords)
+    values = {name: getattr(args, name) for name in inspect.signature(prepare).parameters if hasattr(args, name)}
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
+    summary = prepare(**{**values, **keywords})
     print(summary.format())
     print(f"wrote {args.out}")
     return 0
@@ -212,51 +216,76 @@ def open_dataset(
     return writer
 
 
-def import_tasks(
-    writer: DatasetWriter,
-    summary: ImportSummary,
-    source: str | os.PathLike,
-    function: Callable[[Any], Any],
-    tasks: Sequence[Any],
-    describe: Callable[[Any], str],
-    record: Callable[[Any], object],
-    *,
-    write_in_worker: bool = False,
-    workers: int = 1,
-    strict: bool = False,
-    progress: bool = True,
-    desc: str = "processing",
-) -> ImportSummary:
-    """The body every importer shares: write the dataset from the results of its tasks.
+@dataclass
+class ImportJob:
+    """One import under way: the dataset it writes, its summary, its input and how its tasks run.
 
-    Inside the writer's ``with`` block, runs ``function`` over ``tasks`` (:func:`run_tasks`; the
-    skipped tasks go to ``summary``), hands every result to ``record`` (which writes or registers
-    its samples, and counts what the importer counts), then :func:`finish_import` (``source``
-    names the input in its errors). Returns ``summary``.
-
-    With ``write_in_worker``, ``function`` is wrapped in :class:`WriteInWorker` (with the
-    writer's temporary folder, rater count and image channels), so its results hold
-    :class:`WrittenSample` for :func:`register_written_samples` instead of :class:`Sample`.
+    Every importer builds one after :func:`open_dataset` from its ``prepare_*`` arguments
+    (``strict``, ``progress`` and, for the parallel ones, ``workers``), writes (:meth:`write`) or
+    registers (:meth:`register`) the samples of each task's result in its ``record`` function, and
+    ends with :meth:`run`. ``source`` names the input in the errors of :func:`finish_import`.
     """
-    with writer:
-        if write_in_worker:
-            datalist = writer.datalist
-            function = WriteInWorker(
-                function, os.fspath(writer.root), datalist["num_raters"], datalist["image_channels"]
-            )
-        for _, result in run_tasks(
-            function,
-            tasks,
-            describe,
-            workers=workers,
-            strict=strict,
-            progress=progress,
-            desc=desc,
-            on_failure=summary.record_failure,
-        ):
-            record(result)
-        finish_import(writer, summary, source)
-    return summary
+
+    writer: DatasetWriter
+    summary: ImportSummary
+    source: str | os.PathLike
+    strict: bool = False
+    progress: bool = True
+    workers: int = 1
+
+    def write(
+        self, samples: Iterable[Sample], split_of_patient: Callable[[str], str] | dict[str, str] | None = None
+    ) -> int:
+        """:func:`write_samples` into this job's dataset and summary."""
+        return write_samples(self.writer, self.summary, samples, split_of_patient)
+
+    def register(
+        self, written: Iterable[WrittenSample], split_of_patient: Callable[[str], str] | dict[str, str] | None = None
+    ) -> int:
+        """:func:`register_written_samples` into this job's dataset and summary."""
+        return register_written_samples(self.writer, self.summary, written, split_of_patient)
+
+    def run(
+        self,
+        function: Callable[[Any], Any],
+        tasks: Sequence[Any],
+        describe: Callable[[Any], str],
+        record: Callable[[Any], object],
+        *,
+        desc: str = "processing",
+        write_in_worker: bool = False,
+    ) -> ImportSummary:
+        """The body every importer shares: write the dataset from the results of its tasks.
+
+        Inside the writer's ``with`` block, runs ``function`` over ``tasks`` (:func:`run_tasks`,
+        with this job's ``workers``, ``strict`` and ``progress``; ``describe`` names a task's source,
+        ``desc`` labels the progress bar; the skipped tasks go to the summary), hands every result to
+        ``record`` (which writes or registers its samples, and counts what the importer counts),
+        then :func:`finish_import`. Returns the summary.
+
+        With ``write_in_worker``, ``function`` is wrapped in :class:`WriteInWorker` (with the
+        writer's temporary folder, rater count and image channels), so its results hold
+        :class:`WrittenSample` for :meth:`register` instead of :class:`Sample`.
+        """
+        with self.writer:
+            if write_in_worker:
+                datalist = self.writer.datalist
+                function = WriteInWorker(
+                    function, os.fspath(self.writer.root), datalist["num_raters"], datalist["image_channels"]
+                )
+            for _, result in run_tasks(
+                function,
+                tasks,
+                describe,
+                workers=self.workers,
+                strict=self.strict,
+                progress=self.progress,
+                desc=desc,
+                on_failure=self.summary.record_failure,
+            ):
+                record(result)
+            finish_import(self.writer, self.summary, self.source)
+        return self.summary
 
 
 def _call_safely(function: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:

@@ -42,6 +42,7 @@ from ambiseg_monai.data.datalist import SPLITS, DatasetWriter, split_patients
 from ambiseg_monai.data.nifti import is_nifti_path
 
 from .common import (
+    ImportJob,
     ImportSummary,
     InputError,
     Sample,
@@ -51,13 +52,11 @@ from .common import (
     check_binary_mask,
     check_finite,
     image_size,
-    import_tasks,
     normalise_minmax,
     open_dataset,
     resize_image,
     resize_masks,
     run_import,
-    write_samples,
 )
 
 __all__ = ["FolderRow", "read_csv", "read_image_file", "convert_row", "prepare_folder", "configure_parser", "main"]
@@ -264,6 +263,7 @@ def prepare_folder(
     DatasetWriter(out, name, modality, 1, 1, overwrite=overwrite).check_destination()  # before reading images
     channels = _first_readable_channels(rows)
     writer = open_dataset(out, name, modality, num_raters, channels, overwrite, "folder + CSV", options)
+    job = ImportJob(writer, summary, csv_path, strict, progress)
 
     def record(sample: Sample) -> None:
         if sample.image.shape[0] != channels:
@@ -275,20 +275,9 @@ def prepare_folder(
                 raise InputError(message)
             summary.skipped.append({"source": sample.metadata["source_image"], "reason": message})
             return
-        write_samples(writer, summary, [sample], split_of)
+        job.write([sample], split_of)
 
-    return import_tasks(
-        writer,
-        summary,
-        csv_path,
-        convert_row,
-        rows,
-        lambda r: f"{r.csv_path} line {r.line}",
-        record,
-        strict=strict,
-        progress=progress,
-        desc=name,
-    )
+    return job.run(convert_row, rows, lambda r: f"{r.csv_path} line {r.line}", record, desc=name)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -308,15 +297,4 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare folder``."""
-    return run_import(
-        prepare_folder,
-        args,
-        args.csv,
-        args.out,
-        args.name,
-        args.modality,
-        args.normalisation,
-        tuple(args.size) if args.size else None,
-        tuple(args.split_fractions),
-        args.seed,
-    )
+    return run_import(prepare_folder, args, csv_path=args.csv)

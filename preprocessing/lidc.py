@@ -45,15 +45,14 @@ from tqdm import tqdm
 from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
+    ImportJob,
     ImportSummary,
     InputError,
     Sample,
     add_output_arguments,
     add_split_arguments,
     add_worker_arguments,
-    import_tasks,
     open_dataset,
-    register_written_samples,
     run_import,
 )
 from .contours import rasterise_contours
@@ -447,31 +446,19 @@ def prepare_lidc(
     writer = open_dataset(
         out, "lidc", "CT", options.num_readers, 1, overwrite, "LIDC-IDRI (TCIA DICOM + XML)", summary_options
     )
+    job = ImportJob(writer, summary, source, strict, progress, workers)
     tasks = discover_scans(source, options, tuple(xml_dirs), summary, strict, progress)
     if not tasks:
         raise InputError(f"{source}: no CT series with an LIDC annotation file (LidcReadMessage XML) found")
     split_of = split_patients([t.patient_id for t in tasks], split_fractions, seed)
 
     def record(result: Any) -> None:  # a ScanResult whose samples the worker wrote (WrittenSample)
-        register_written_samples(writer, summary, result.samples, split_of)
+        job.register(result.samples, split_of)
         summary.warnings.extend(result.warnings)
         summary.counts.update(result.counts)
         summary.count("scans_converted")
 
-    return import_tasks(
-        writer,
-        summary,
-        source,
-        process_scan,
-        tasks,
-        lambda t: t.dicom_dir,
-        record,
-        write_in_worker=True,
-        workers=workers,
-        strict=strict,
-        progress=progress,
-        desc="LIDC scans",
-    )
+    return job.run(process_scan, tasks, lambda t: t.dicom_dir, record, desc="LIDC scans", write_in_worker=True)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -527,14 +514,4 @@ def main(args: argparse.Namespace) -> int:
         min_readers=args.min_readers,
         include_outline=args.include_outline,
     )
-    return run_import(
-        prepare_lidc,
-        args,
-        args.source,
-        args.out,
-        options,
-        xml_dirs=tuple(args.xml_dir),
-        split_fractions=tuple(args.split_fractions),
-        seed=args.seed,
-        workers=args.workers,
-    )
+    return run_import(prepare_lidc, args, options=options, xml_dirs=tuple(args.xml_dir))

@@ -41,6 +41,7 @@ import numpy as np
 from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
+    ImportJob,
     ImportSummary,
     InputError,
     Sample,
@@ -48,10 +49,8 @@ from .common import (
     add_split_arguments,
     check_binary_mask,
     check_finite,
-    import_tasks,
     open_dataset,
     run_import,
-    write_samples,
 )
 
 __all__ = ["load_pickle", "ambdiffseg_split", "convert_entry", "prepare_lidc_pickle", "configure_parser", "main"]
@@ -165,6 +164,7 @@ def prepare_lidc_pickle(
         options.update(split_fractions=list(split_fractions), seed=seed)
     summary = ImportSummary("lidc-pickle", options)
     writer = open_dataset(out, "lidc", "CT", 4, 1, overwrite, "community LIDC pickle (data_lidc.pickle)", options)
+    job = ImportJob(writer, summary, source, strict, progress)
     data = load_pickle(source)
     patients = sorted({patient_of(key) for key in data})
     if split == "ambdiffseg":
@@ -176,18 +176,11 @@ def prepare_lidc_pickle(
     else:
         split_of = split_patients(patients, split_fractions, seed)
     entries = [(os.fspath(source), key, value) for key, value in data.items()]
-    return import_tasks(
-        writer,
-        summary,
-        source,
-        convert_entry,
-        entries,
-        lambda e: f"{e[0]} [{e[1]}]",
-        lambda sample: write_samples(writer, summary, [sample], split_of),
-        strict=strict,
-        progress=progress,
-        desc="LIDC pickle",
-    )
+
+    def record(sample: Sample) -> None:
+        job.write([sample], split_of)
+
+    return job.run(convert_entry, entries, lambda e: f"{e[0]} [{e[1]}]", record, desc="LIDC pickle")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -205,6 +198,4 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare lidc-pickle``."""
-    return run_import(
-        prepare_lidc_pickle, args, args.source, args.out, args.split, tuple(args.split_fractions), args.seed
-    )
+    return run_import(prepare_lidc_pickle, args)

@@ -39,6 +39,7 @@ import numpy as np
 from ambiseg_monai.data.datalist import split_patients
 
 from .common import (
+    ImportJob,
     ImportSummary,
     InputError,
     Sample,
@@ -49,10 +50,8 @@ from .common import (
     add_worker_arguments,
     check_binary_mask,
     check_finite,
-    import_tasks,
     normalise_minmax,
     open_dataset,
-    register_written_samples,
     resize_image,
     resize_masks,
     run_import,
@@ -261,22 +260,12 @@ def prepare_ms_isbi2015(
     split_of = {**(split_patients(rest, split_fractions, seed) if rest else {}), **fixed}
 
     def record(samples: list[WrittenSample]) -> None:
-        register_written_samples(writer, summary, samples, split_of)
+        job.register(samples, split_of)
         summary.count("timepoints_converted")
 
-    return import_tasks(
-        writer,
-        summary,
-        source,
-        convert_timepoint,
-        tasks,
-        lambda t: t.images[0],
-        record,
-        write_in_worker=True,
-        workers=workers,
-        strict=strict,
-        progress=progress,
-        desc="ISBI 2015 time points",
+    job = ImportJob(writer, summary, source, strict, progress, workers)
+    return job.run(
+        convert_timepoint, tasks, lambda t: t.images[0], record, desc="ISBI 2015 time points", write_in_worker=True
     )
 
 
@@ -301,18 +290,4 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare ms-isbi2015``."""
-    return run_import(
-        prepare_ms_isbi2015,
-        args,
-        args.source,
-        args.out,
-        tuple(args.size),
-        args.keep_aspect,
-        args.lesion_slices_only,
-        args.empty_fraction,
-        tuple(args.test_subjects),
-        tuple(args.validation_subjects),
-        tuple(args.split_fractions),
-        args.seed,
-        args.workers,
-    )
+    return run_import(prepare_ms_isbi2015, args)

@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from .common import (
+    ImportJob,
     ImportSummary,
     InputError,
     Sample,
@@ -43,13 +44,11 @@ from .common import (
     check_binary_mask,
     check_finite,
     image_size,
-    import_tasks,
     normalise_minmax,
     open_dataset,
     resize_image,
     resize_masks,
     run_import,
-    write_samples,
 )
 
 __all__ = [
@@ -222,6 +221,7 @@ def prepare_qubiq(
     summary = ImportSummary(f"qubiq-{task}", options)
     name = f"qubiq_{task.replace('-', '_')}_task{subtask}"
     writer = open_dataset(out, name, spec.modality, spec.raters, spec.channels, overwrite, "QUBIQ", options)
+    job = ImportJob(writer, summary, source, strict, progress)
     tasks = [
         CaseTask(os.fspath(folder), split, task, subtask, require_raters, image_size(size))
         for split, folder in find_cases(source, task)
@@ -233,20 +233,9 @@ def prepare_qubiq(
                 f"{sample.metadata['source_case']}: {sample.label.shape[0]} raters instead of {spec.raters} "
                 "(recorded as the item's num_raters)"
             )
-        write_samples(writer, summary, [sample])
+        job.write([sample])
 
-    return import_tasks(
-        writer,
-        summary,
-        source,
-        convert_case,
-        tasks,
-        lambda t: t.folder,
-        record,
-        strict=strict,
-        progress=progress,
-        desc=f"QUBIQ {task}",
-    )
+    return job.run(convert_case, tasks, lambda t: t.folder, record, desc=f"QUBIQ {task}")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -263,5 +252,4 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare qubiq``."""
-    size = tuple(args.size) if args.size else None
-    return run_import(prepare_qubiq, args, args.source, args.out, args.task, args.subtask, args.require_raters, size)
+    return run_import(prepare_qubiq, args)
