@@ -19,11 +19,11 @@ from ambiseg_monai.metrics import (
     cross_pair_iou,
     generalized_energy_distance,
     hungarian_matched_iou,
-    relative_area_filter,
     s_ncc,
     sample_diversity,
     soft_dice,
 )
+from ambiseg_monai.transforms import relative_area_filter
 
 TOL = 1e-6
 
