@@ -7,28 +7,9 @@
   :mod:`~ambiseg_monai.deploy.dicom_seg`: the MONAI Deploy application and its DICOM SEG writer; run with
   ``python -m ambiseg_monai.deploy``.
 
-The modules that need the ``deploy`` extra (the MONAI Deploy SDK, highdicom: ``app``, ``operators``,
-``dicom_seg``) are not re-exported here, so that the export works without it.
+Nothing is re-exported here (the one exception to the library's ``__init__`` style, see
+docs/architecture.md): ``python -m ambiseg_monai.deploy`` imports this package before its ``__main__``,
+which must raise the stack limit and re-execute itself before MONAI (and with it Holoscan) is imported
+(``tests/test_deploy.py::test_launcher_on_pydicom_ct``), and ``app`` / ``operators`` / ``dicom_seg`` need
+the optional ``deploy`` extra. Import the modules by their full name.
 """
-
-import ambiseg_monai.deploy.export as _export
-import ambiseg_monai.deploy.exported as _exported
-import ambiseg_monai.deploy.inputs as _inputs
-import ambiseg_monai.deploy.predictor as _predictor
-import ambiseg_monai.deploy.preprocessing as _preprocessing
-import ambiseg_monai.deploy.volumes as _volumes
-from ambiseg_monai.deploy.export import *  # noqa: F403
-from ambiseg_monai.deploy.exported import *  # noqa: F403
-from ambiseg_monai.deploy.inputs import *  # noqa: F403
-from ambiseg_monai.deploy.predictor import *  # noqa: F403
-from ambiseg_monai.deploy.preprocessing import *  # noqa: F403
-from ambiseg_monai.deploy.volumes import *  # noqa: F403
-
-__all__ = [
-    *_export.__all__,
-    *_exported.__all__,
-    *_inputs.__all__,
-    *_predictor.__all__,
-    *_preprocessing.__all__,
-    *_volumes.__all__,
-]
