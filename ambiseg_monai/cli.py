@@ -40,7 +40,7 @@ TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("ambiseg_monai.reporting.compare", "compare methods across MLflow runs: table, plots, comparison run"),
     "export": ("ambiseg_monai.deploy.export", "export a trained bundle as TorchScript with its configs and metadata"),
     "merge-configs": (
-        "ambiseg_monai.bundle_config",
+        "ambiseg_monai.bundle.config",
         "write a bundle with the shared base configs merged in (standalone)",
     ),
     "sync": (

@@ -48,12 +48,12 @@ from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from ambiseg_monai.bundle_config import resolve_macros
+from ambiseg_monai.bundle.config import resolve_macros
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import ensure_demo_dataset
-from ambiseg_monai.data.transforms import LoadTruthd
 from ambiseg_monai.handlers.truth import TruthMetricsHandler
 from ambiseg_monai.metrics import isolated_pixel_fraction, truth_scores
+from ambiseg_monai.transforms.loading import LoadTruthd
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")

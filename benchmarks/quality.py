@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from ambiseg_monai.bundle_config import resolve_macros
+from ambiseg_monai.bundle.config import resolve_macros
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import ensure_demo_dataset
 from ambiseg_monai.data.nifti import load_channel_first_nifti
@@ -174,9 +174,9 @@ def use_sampler(parser: ConfigParser, sampler: str) -> None:
     config = dict(parser["sampling_scheduler"])
     config.pop("variance_type", None)
     if sampler == "ddim":
-        config["_target_"] = "ambiseg_monai.diffusion.schedulers.RespacedDDIMScheduler"
+        config["_target_"] = "ambiseg_monai.schedulers.respaced.RespacedDDIMScheduler"
     else:
-        config["_target_"] = "ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler"
+        config["_target_"] = "ambiseg_monai.schedulers.respaced.RespacedDDPMScheduler"
         config["variance_type"] = "learned_range"
     parser["sampling_scheduler"] = config
 

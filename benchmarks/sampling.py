@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
-from ambiseg_monai.engines.inferers import DiffusionSamplingInferer
+from ambiseg_monai.inferers.diffusion import DiffusionSamplingInferer
 from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser
+from ambiseg_monai.schedulers.respaced import RespacedDDPMScheduler
 
 
 def _parse() -> argparse.Namespace:

@@ -26,7 +26,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from ambiseg_monai.bundle_config import resolve_macros
+from ambiseg_monai.bundle.config import resolve_macros
 from ambiseg_monai.data.demo import ensure_demo_dataset
 
 try:

@@ -1,10 +1,10 @@
 """Snapshot of what every bundle config combination builds, for ``test_bundle_configs_merged.py``.
 
 The snapshot records, for each bundle and each config-file combination it is used with
-(:func:`ambiseg_monai.bundle_config.bundle_combinations`: ``train.json`` alone, with each overlay, with
+(:func:`ambiseg_monai.bundle.config.bundle_combinations`: ``train.json`` alone, with each overlay, with
 ``evaluate.json`` / ``inference.json`` / ``multi_gpu_train.json``, ...), the merged config that
-``monai.bundle run`` executes (:func:`ambiseg_monai.bundle_config.merged_config`). The test reduces it
-and today's merged config to their canonical forms (:func:`ambiseg_monai.bundle_config.canonical_config`:
+``monai.bundle run`` executes (:func:`ambiseg_monai.bundle.config.merged_config`). The test reduces it
+and today's merged config to their canonical forms (:func:`ambiseg_monai.bundle.config.canonical_config`:
 the tree of ``_target_`` s and values with every reference followed) and compares those. It was taken
 from the bundles as they were before they were rewritten as overlays of ``bundles/common`` (commit
 ``git_ref`` in the file), with::
@@ -30,7 +30,7 @@ SNAPSHOT = REPO / "tests" / "snapshots" / "bundle_configs.json.xz"  # xz: 3 MB o
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ambiseg_monai.bundle_config import bundle_combinations, merged_config  # noqa: E402
+from ambiseg_monai.bundle.config import bundle_combinations, merged_config  # noqa: E402
 
 
 def combo_key(combo: tuple[str, ...]) -> str:

@@ -8,8 +8,8 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch import nn
 
-from ambiseg_monai.engines.latent_models import LatentSampleInferer, LatentTrainingInferer
 from ambiseg_monai.engines.prepare_batch import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
+from ambiseg_monai.inferers.latent import LatentSampleInferer, LatentTrainingInferer
 
 
 def toy_batches(num_batches: int) -> list[dict[str, torch.Tensor]]:

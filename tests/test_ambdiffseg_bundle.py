@@ -14,7 +14,7 @@ import torch
 from _bundle_runner import SMALL_SETTINGS, bundle_parser, bundle_settings
 from monai.bundle import run
 
-from ambiseg_monai.bundle_config import merged_config
+from ambiseg_monai.bundle.config import merged_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "ambdiffseg" / "configs"
 TRAIN = str(CONFIGS / "train.json")

@@ -7,11 +7,6 @@ import math
 import pytest
 import torch
 
-from ambiseg_monai.diffusion.continuous import (
-    ContinuousDDIMScheduler,
-    ContinuousDDPMScheduler,
-    ContinuousVPSchedule,
-)
 from ambiseg_monai.diffusion.parameterization import (
     DiffusionParameterization,
     eps_from_v,
@@ -23,9 +18,10 @@ from ambiseg_monai.diffusion.parameterization import (
 from ambiseg_monai.diffusion.protocols import sample_training_times
 from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion
 from ambiseg_monai.diffusion.weighting import LossWeighting, loss_weight
-from ambiseg_monai.engines import DiffusionTrainingInferer
-from ambiseg_monai.engines.continuous_training import WarmupConstantCosine
-from ambiseg_monai.metrics import RelativeAreaFilterd, relative_area_filter
+from ambiseg_monai.inferers import DiffusionTrainingInferer
+from ambiseg_monai.optimizers.lr_scheduler import WarmupConstantCosine
+from ambiseg_monai.schedulers.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler, ContinuousVPSchedule
+from ambiseg_monai.transforms import RelativeAreaFilterd, relative_area_filter
 
 TIMES = torch.tensor([0.1, 0.25, 0.5, 0.8, 0.95], dtype=torch.float64)
 
@@ -345,7 +341,7 @@ class _MaskOracle(torch.nn.Module):
 
 @pytest.mark.parametrize("scheduler_class", [ContinuousDDIMScheduler, ContinuousDDPMScheduler])
 def test_sampling_inferer_with_a_perfect_denoiser_returns_the_mask_for_every_sample(scheduler_class):
-    from ambiseg_monai.engines import DiffusionSamplingInferer
+    from ambiseg_monai.inferers import DiffusionSamplingInferer
 
     masks = (_clean_masks() > 0).float()  # B x 1 x H x W in {0, 1}
     inferer = DiffusionSamplingInferer(scheduler_class(tanh_x_output=False), num_samples=3, num_inference_steps=10)

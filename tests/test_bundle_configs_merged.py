@@ -2,13 +2,15 @@
 the same components as before: for every bundle and every config combination it is used with, the
 merged config (``%`` macros resolved, as ``monai.bundle run`` does) reduces to the same canonical
 form (``_target_`` s and argument values, references followed; see
-:func:`ambiseg_monai.bundle_config.canonical_config`) as the snapshot taken from the configs before
+:func:`ambiseg_monai.bundle.config.canonical_config`) as the snapshot taken from the configs before
 the rewrite (``tests/snapshots/bundle_configs.json.xz``, see ``tests/_bundle_snapshot.py``).
 
 Changes that are meant are listed here, each with its reason:
 
 - ``TARGET_RENAMES``: a class moved or renamed in the library (old ``_target_`` -> new ``_target_``);
   applied to the snapshot before comparing. Add an entry when you rename a ``_target_`` the bundles use.
+- ``EXPRESSION_RENAMES``: likewise for a function the configs call in a ``$`` expression, and for an
+  ``imports`` entry.
 - ``INTENDED_CHANGES``: values a combination now has on purpose, by config file (``"train.json"``: every
   bundle's; ``"cimd/train.json"``: one bundle's) and id (``a#b#0`` ids allowed; ``REMOVED`` deletes the
   id), applied to the snapshot's merged config before comparing: first those of every bundle, then the
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from ambiseg_monai.bundle_config import (
+from ambiseg_monai.bundle.config import (
     RUN_IDS,
     bundle_combinations,
     canonical_config,
@@ -49,8 +51,60 @@ TARGET_RENAMES: dict[str, str] = {
     "ambiseg_monai.handlers.provenance.ProvenanceHandler": "ambiseg_monai.handlers.ProvenanceHandler",
     # the continuous-time alias of the one training inferer is gone (its stratified_times default: below)
     "ambiseg_monai.engines.continuous_training.ContinuousDiffusionTrainingInferer": (
-        "ambiseg_monai.engines.DiffusionTrainingInferer"
+        "ambiseg_monai.inferers.DiffusionTrainingInferer"
     ),
+    # layout by role (issue #16): transforms/, schedulers/, losses/, inferers/, optimizers/ (CHANGELOG)
+    "ambiseg_monai.data.transforms.LoadImage2Dd": "ambiseg_monai.transforms.loading.LoadImage2Dd",
+    "ambiseg_monai.data.transforms.LoadTruthd": "ambiseg_monai.transforms.loading.LoadTruthd",
+    "ambiseg_monai.data.transforms.MeanRatersd": "ambiseg_monai.transforms.raters.MeanRatersd",
+    "ambiseg_monai.data.transforms.PadRatersd": "ambiseg_monai.transforms.raters.PadRatersd",
+    "ambiseg_monai.data.transforms.RandomConsensusLeveld": "ambiseg_monai.transforms.raters.RandomConsensusLeveld",
+    "ambiseg_monai.data.transforms.SelectRandomRaterd": "ambiseg_monai.transforms.raters.SelectRandomRaterd",
+    "ambiseg_monai.data.transforms.SelectRaterd": "ambiseg_monai.transforms.raters.SelectRaterd",
+    "ambiseg_monai.metrics.RelativeAreaFilterd": "ambiseg_monai.transforms.RelativeAreaFilterd",
+    "ambiseg_monai.engines.consensus.UnpackPredictiond": "ambiseg_monai.transforms.consensus.UnpackPredictiond",
+    "ambiseg_monai.diffusion.continuous.ContinuousDDIMScheduler": (
+        "ambiseg_monai.schedulers.continuous.ContinuousDDIMScheduler"
+    ),
+    "ambiseg_monai.diffusion.continuous.ContinuousDDPMScheduler": (
+        "ambiseg_monai.schedulers.continuous.ContinuousDDPMScheduler"
+    ),
+    "ambiseg_monai.diffusion.continuous.ContinuousVPSchedule": (
+        "ambiseg_monai.schedulers.continuous.ContinuousVPSchedule"
+    ),
+    "ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler": (
+        "ambiseg_monai.schedulers.respaced.RespacedDDPMScheduler"
+    ),
+    "ambiseg_monai.diffusion.losses.DiffusionLoss": "ambiseg_monai.losses.diffusion.DiffusionLoss",
+    "ambiseg_monai.diffusion.losses.HybridDiffusionLoss": "ambiseg_monai.losses.diffusion.HybridDiffusionLoss",
+    "ambiseg_monai.engines.latent_models.PHiSegELBOLoss": "ambiseg_monai.losses.elbo.PHiSegELBOLoss",
+    "ambiseg_monai.engines.latent_models.ProbUNetELBOLoss": "ambiseg_monai.losses.elbo.ProbUNetELBOLoss",
+    "ambiseg_monai.engines.DiffusionSamplingInferer": "ambiseg_monai.inferers.DiffusionSamplingInferer",
+    "ambiseg_monai.engines.DiffusionTrainingInferer": "ambiseg_monai.inferers.DiffusionTrainingInferer",
+    "ambiseg_monai.engines.consensus.ConsensusSamplingInferer": (
+        "ambiseg_monai.inferers.consensus.ConsensusSamplingInferer"
+    ),
+    "ambiseg_monai.engines.latent_models.LatentSampleInferer": "ambiseg_monai.inferers.latent.LatentSampleInferer",
+    "ambiseg_monai.engines.latent_models.LatentTrainingInferer": "ambiseg_monai.inferers.latent.LatentTrainingInferer",
+    "ambiseg_monai.engines.continuous_training.WarmupConstantCosine": (
+        "ambiseg_monai.optimizers.lr_scheduler.WarmupConstantCosine"
+    ),
+}
+
+#: old -> new name of a library function called in a ``$`` expression, or of an ``imports`` entry (a
+#: function or module moved, like ``TARGET_RENAMES``); applied to the snapshot's expressions and imports.
+EXPRESSION_RENAMES: dict[str, str] = {
+    # layout by role (issue #16): bundle/ (dataset checks, inference inputs), utils/ (device, precision)
+    "ambiseg_monai.engines.prepare_dataset": "ambiseg_monai.bundle.prepare_dataset",
+    "ambiseg_monai.engines.padded_rater_count": "ambiseg_monai.bundle.padded_rater_count",
+    "ambiseg_monai.engines.inference_items": "ambiseg_monai.bundle.inference_items",
+    "ambiseg_monai.engines.network_to_device": "ambiseg_monai.utils.network_to_device",
+    "ambiseg_monai.engines.use_amp": "ambiseg_monai.utils.use_amp",
+    "ambiseg_monai.engines.cpu_autocast_dtype": "ambiseg_monai.utils.cpu_autocast_dtype",
+    "$import ambiseg_monai.data.transforms": "$import ambiseg_monai.transforms",
+    "$import ambiseg_monai.engines.consensus": "$import ambiseg_monai.inferers",
+    "$import ambiseg_monai.engines.latent_models": "$import ambiseg_monai.inferers",
+    "$import ambiseg_monai.engines.continuous_training": "$import ambiseg_monai.optimizers",
 }
 
 #: an ``INTENDED_CHANGES`` value: the id is gone on purpose
@@ -115,7 +169,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         # the one training inferer with the alias's default written out: the same stratified time draws
         "train#inferer#stratified_times": True,
         # HybridDiffusionLoss with vlb_weight 0 (no l_vlb term: no learned variance) is l_simple alone
-        "train#loss": {"_target_": "ambiseg_monai.diffusion.losses.DiffusionLoss"},
+        "train#loss": {"_target_": "ambiseg_monai.losses.diffusion.DiffusionLoss"},
         # one metrics handler publishes ged_pp, ci_pp, cross_pair_dice_pp (were three single-metric aliases)
         "validate#additional_metrics": {
             "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "cross_pair_dice"], "save_details": False}
@@ -217,7 +271,19 @@ def _expected(bundle: str, key: str) -> dict:
                     del target[index]
                 else:
                     target[index] = json.loads(json.dumps(value))
-    return config
+    return _renamed_expressions(config)
+
+
+def _renamed_expressions(value):
+    """``value`` with the ``EXPRESSION_RENAMES`` applied to every ``$`` expression (imports included)."""
+    if isinstance(value, dict):
+        return {k: _renamed_expressions(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed_expressions(v) for v in value]
+    if isinstance(value, str) and value.startswith("$"):
+        for old, new in EXPRESSION_RENAMES.items():
+            value = re.sub(re.escape(old) + r"(?![\w.])", new, value)
+    return value
 
 
 def _differences(old, new, shared_old, shared_new, path="", out=None, limit=20):

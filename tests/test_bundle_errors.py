@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ambiseg_monai.data.datalist import DatalistError
-from ambiseg_monai.engines import (
+from ambiseg_monai.bundle import (
     BundleInputError,
     DatasetNotPreparedError,
     InferenceInputError,
     inference_items,
     prepare_dataset,
 )
-from ambiseg_monai.engines.bundle_helpers import prepare_command
+from ambiseg_monai.bundle.dataset import prepare_command
+from ambiseg_monai.data.datalist import DatalistError
 
 REPO = Path(__file__).resolve().parents[1]
 CIMD = "bundles/cimd/configs"

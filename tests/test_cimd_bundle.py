@@ -167,7 +167,7 @@ def test_rater_count_mismatch_is_a_clear_error(small_demo_dataset, tmp_path):
 def test_ablation_and_dataset_overlays_change_the_right_components():
     from monai.bundle import ConfigParser
 
-    from ambiseg_monai.data.transforms import MeanRatersd, SelectRandomRaterd
+    from ambiseg_monai.transforms.raters import MeanRatersd, SelectRandomRaterd
 
     def parser(*overlays):
         p = ConfigParser()

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from ambiseg_monai.diffusion.losses import HybridDiffusionLoss
-from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
-from ambiseg_monai.engines.inferers import DiffusionTrainingInferer
+from ambiseg_monai.inferers.diffusion import DiffusionTrainingInferer
+from ambiseg_monai.losses.diffusion import HybridDiffusionLoss
 from ambiseg_monai.networks.ambiguity import AxisAlignedGaussianEncoder
 from ambiseg_monai.networks.cimd import CIMDNetwork
 from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser
+from ambiseg_monai.schedulers.respaced import RespacedDDPMScheduler
 
 
 def _network(freeze: bool = False, ambiguity: bool = True) -> CIMDNetwork:

@@ -9,20 +9,20 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from ambiseg_monai.data.transforms import ConsensusLevel, MeanRaters, PadRatersd, RandomConsensusLeveld
-from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
-from ambiseg_monai.engines.consensus import (
+from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler, soft_dice_by_generations
+from ambiseg_monai.inferers.consensus import ConsensusSamplingInferer
+from ambiseg_monai.inferers.diffusion import DiffusionSamplingInferer
+from ambiseg_monai.networks.consensus import ConsensusDenoiser
+from ambiseg_monai.networks.denoisers import ConditionalDenoiser
+from ambiseg_monai.schedulers.respaced import RespacedDDPMScheduler
+from ambiseg_monai.transforms.consensus import (
     CombineConsensusSamples,
-    ConsensusSamplingInferer,
     average_generations,
     combine_consensus_samples,
     consensus_sample_labels,
     consensus_soft_map,
 )
-from ambiseg_monai.engines.inferers import DiffusionSamplingInferer
-from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler, soft_dice_by_generations
-from ambiseg_monai.networks.consensus import ConsensusDenoiser
-from ambiseg_monai.networks.denoisers import ConditionalDenoiser
+from ambiseg_monai.transforms.raters import ConsensusLevel, MeanRaters, PadRatersd, RandomConsensusLeveld
 
 # three raters on a 1 x 4 strip: pixel k is marked by 3, 2, 1, 0 raters
 RATERS = np.array([[[1, 1, 1, 0]], [[1, 1, 0, 0]], [[1, 0, 0, 0]]], dtype=np.float32)
@@ -287,7 +287,7 @@ def test_generation_curve_handler_names_missing_outputs(tmp_path):
 
 # ----------------------------------------------------------------------- evaluator post-processing
 def test_unpack_prediction_moves_the_inferer_dict_to_the_output():
-    from ambiseg_monai.engines.consensus import UnpackPredictiond
+    from ambiseg_monai.transforms.consensus import UnpackPredictiond
 
     masks, soft = torch.ones(1, 3, 2, 2), torch.full((1, 2, 2), 0.5)
     out = UnpackPredictiond()({"image": torch.zeros(1, 1, 2, 2), "pred": {"pred": masks, "pred_soft": soft}})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ambiseg_monai.diffusion.losses import HybridDiffusionLoss
-from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
-from ambiseg_monai.engines.consensus import ConsensusSamplingInferer
-from ambiseg_monai.engines.inferers import DiffusionTrainingInferer
+from ambiseg_monai.inferers.consensus import ConsensusSamplingInferer
+from ambiseg_monai.inferers.diffusion import DiffusionTrainingInferer
+from ambiseg_monai.losses.diffusion import HybridDiffusionLoss
 from ambiseg_monai.networks.consensus import ConsensusDenoiser, SummedConditionStem
 from ambiseg_monai.networks.rrdb import RRDB, ResidualDenseBlock, RRDBEncoder
+from ambiseg_monai.schedulers.respaced import RespacedDDPMScheduler
 
 TINY = dict(
     channels=(8, 16),

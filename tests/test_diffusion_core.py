@@ -9,21 +9,22 @@ import pytest
 import torch
 
 from ambiseg_monai.diffusion import (
-    ContinuousDDIMScheduler,
-    ContinuousDDPMScheduler,
-    DiffusionLoss,
     DiffusionParameterization,
-    HybridDiffusionLoss,
     LearnedVarianceScheduler,
     LossWeighting,
-    RespacedDDIMScheduler,
-    RespacedDDPMScheduler,
     SamplingScheduler,
     TrainingScheduler,
 )
 from ambiseg_monai.diffusion.protocols import missing_members
-from ambiseg_monai.engines import DiffusionSamplingInferer, DiffusionTrainingInferer
+from ambiseg_monai.inferers import DiffusionSamplingInferer, DiffusionTrainingInferer
+from ambiseg_monai.losses import DiffusionLoss, HybridDiffusionLoss
 from ambiseg_monai.networks.denoisers import ConditionalDenoiser
+from ambiseg_monai.schedulers import (
+    ContinuousDDIMScheduler,
+    ContinuousDDPMScheduler,
+    RespacedDDIMScheduler,
+    RespacedDDPMScheduler,
+)
 
 
 def _discrete(**kwargs) -> RespacedDDPMScheduler:

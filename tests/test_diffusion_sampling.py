@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ambiseg_monai.diffusion.sampler import make_generators, repeat_rows, sample_seed, take_rows
-from ambiseg_monai.diffusion.schedulers import RespacedDDIMScheduler, RespacedDDPMScheduler
-from ambiseg_monai.engines.inferers import DiffusionSamplingInferer, sample_statistics
+from ambiseg_monai.inferers.diffusion import DiffusionSamplingInferer, sample_statistics
 from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser
+from ambiseg_monai.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler
 
 
 @pytest.fixture(scope="module")

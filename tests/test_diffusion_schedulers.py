@@ -11,8 +11,8 @@ from monai.networks.schedulers import DDPMScheduler
 from scipy.stats import norm
 
 from ambiseg_monai.diffusion.gaussian import GaussianChain
-from ambiseg_monai.diffusion.losses import HybridDiffusionLoss, vlb_term
-from ambiseg_monai.diffusion.schedulers import (
+from ambiseg_monai.losses.diffusion import HybridDiffusionLoss, vlb_term
+from ambiseg_monai.schedulers.respaced import (
     RespacedDDIMScheduler,
     RespacedDDPMScheduler,
     evenly_spaced_timesteps,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambiseg_monai.engines import inference_items, prepare_dataset
+from ambiseg_monai.bundle import inference_items, prepare_dataset
 from ambiseg_monai.handlers import LossTerms, latest_checkpoint, render_sample_grid
 from ambiseg_monai.reporting.provenance import config_files_from_argv
 

@@ -11,12 +11,14 @@ from monai.transforms import Compose, EnsureTyped, SelectItemsd
 from monai.utils import set_determinism
 
 from ambiseg_monai.data.datalist import load_split
-from ambiseg_monai.data.transforms import LoadImage2Dd, PadRatersd, SelectRandomRaterd
-from ambiseg_monai.diffusion.losses import HybridDiffusionLoss
-from ambiseg_monai.diffusion.schedulers import RespacedDDPMScheduler
-from ambiseg_monai.engines import DiffusionTrainingInferer, DiffusionTrainingPrepareBatch, SamplingPrepareBatch
+from ambiseg_monai.engines import DiffusionTrainingPrepareBatch, SamplingPrepareBatch
 from ambiseg_monai.handlers import GradientClipping, LossTerms
+from ambiseg_monai.inferers import DiffusionTrainingInferer
+from ambiseg_monai.losses.diffusion import HybridDiffusionLoss
 from ambiseg_monai.networks import AxisAlignedGaussianEncoder, CIMDNetwork, ConcatConditionedDenoiser
+from ambiseg_monai.schedulers.respaced import RespacedDDPMScheduler
+from ambiseg_monai.transforms.loading import LoadImage2Dd
+from ambiseg_monai.transforms.raters import PadRatersd, SelectRandomRaterd
 
 
 def _loader(dataset_dir: str) -> DataLoader:

@@ -23,9 +23,9 @@ DIFFUSION_CONFIG = {
     "imports": ["$import torch"],
     "num_samples": 3,
     "network_def": TINY_DENOISER,
-    "scheduler": {"_target_": "ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler",
+    "scheduler": {"_target_": "ambiseg_monai.schedulers.respaced.RespacedDDPMScheduler",
                   "num_train_timesteps": 50, "variance_type": "learned_range"},
-    "inferer": {"_target_": "ambiseg_monai.engines.inferers.DiffusionSamplingInferer",
+    "inferer": {"_target_": "ambiseg_monai.inferers.diffusion.DiffusionSamplingInferer",
                 "scheduler": "@scheduler", "num_samples": "@num_samples", "num_inference_steps": 3, "seed": 0},
 }
 METADATA = {
@@ -171,7 +171,7 @@ def test_export_latent_model(tmp_path):
     config = {
         "network_def": {"_target_": "ambiseg_monai.networks.prob_unet.ProbabilisticUNet",
                         "in_channels": 1, "channels": [4, 8], "num_res_units": 1},
-        "inferer": {"_target_": "ambiseg_monai.engines.latent_models.LatentSampleInferer", "num_samples": 2},
+        "inferer": {"_target_": "ambiseg_monai.inferers.latent.LatentSampleInferer", "num_samples": 2},
     }
     bundle_dir = write_bundle(tmp_path / "bundle", config)
     report = export_bundle(bundle_dir, tmp_path / "model.ts", check_sampling=True)

@@ -43,7 +43,7 @@ from ambiseg_monai.data.datalist import (
     validate_datalist,
 )
 from ambiseg_monai.data.nifti import load_channel_first_nifti, save_channel_first_nifti
-from ambiseg_monai.engines import prepare_dataset
+from ambiseg_monai.bundle import prepare_dataset
 from ambiseg_monai.preprocessing import common
 from ambiseg_monai.preprocessing.common import ImportFailedError, InputError
 from ambiseg_monai.preprocessing.folder import prepare_folder, read_csv

@@ -23,7 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
-from ambiseg_monai.bundle_config import merged_config
+from ambiseg_monai.bundle.config import merged_config
 from ambiseg_monai.handlers import AtomicCheckpointSaver, RequiredCheckpointLoader, ResumableCheckpointer, atomic_save
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"

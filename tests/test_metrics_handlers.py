@@ -18,7 +18,7 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import MetricsSaver
 from monai.inferers import Inferer
 
-from ambiseg_monai.bundle_config import merged_config
+from ambiseg_monai.bundle.config import merged_config
 from ambiseg_monai.handlers import AmbiguousSegmentationMetricsHandler, CaseIdMeta, PerImageMetricsWriter
 from ambiseg_monai.metrics import CONSENSUS_PAPER_THRESHOLDS, DEFAULT_HANDLER_METRICS, soft_dice
 from test_metrics_cumulative import two_batches  # noqa: E402  (tests/ is on sys.path)

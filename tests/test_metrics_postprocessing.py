@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from ambiseg_monai.metrics import RelativeAreaFilter, RelativeAreaFilterd, relative_area_filter
+from ambiseg_monai.transforms import RelativeAreaFilter, RelativeAreaFilterd, relative_area_filter
 
 
 def samples_with_areas(*areas: int, size: int = 4) -> torch.Tensor:

@@ -17,11 +17,11 @@ from ambiseg_monai.metrics import (
     ambiguous_segmentation_metrics,
     collective_insight,
     generalized_energy_distance,
-    relative_area_filter,
     s_ncc,
     sample_diversity,
     soft_dice,
 )
+from ambiseg_monai.transforms import relative_area_filter
 
 TOL = 1e-6
 

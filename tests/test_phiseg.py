@@ -9,7 +9,8 @@ import pytest
 import torch
 from _latent_training import sample_toy_batch, train_on_toy_batches
 
-from ambiseg_monai.engines.latent_models import LatentSampleInferer, PHiSegELBOLoss
+from ambiseg_monai.inferers.latent import LatentSampleInferer
+from ambiseg_monai.losses.elbo import PHiSegELBOLoss
 from ambiseg_monai.networks.latent_distributions import AxisAlignedGaussian, latent_kl_divergence
 from ambiseg_monai.networks.phiseg import HierarchicalLikelihood, PHiSeg
 

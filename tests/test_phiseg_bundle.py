@@ -8,7 +8,7 @@ import pytest
 import torch
 from _bundle_runner import bundle_parser, latent_bundle_configs
 
-from ambiseg_monai.engines.latent_models import PHiSegELBOLoss
+from ambiseg_monai.losses.elbo import PHiSegELBOLoss
 from ambiseg_monai.networks.phiseg import PHiSeg
 
 CONFIGS = latent_bundle_configs("phiseg")

@@ -11,7 +11,8 @@ from _latent_training import sample_toy_batch, train_on_toy_batches
 from ignite.engine import Engine
 from torch import nn
 
-from ambiseg_monai.engines.latent_models import LatentSampleInferer, LatentTrainingInferer, ProbUNetELBOLoss
+from ambiseg_monai.inferers.latent import LatentSampleInferer, LatentTrainingInferer
+from ambiseg_monai.losses.elbo import ProbUNetELBOLoss
 from ambiseg_monai.networks.latent_distributions import (
     CHOLESKY_DIAGONAL_EPS,
     AxisAlignedGaussian,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _bundle_runner import bundle_parser, latent_bundle_configs, latent_overrides, link_bundles, mlflow_runs
 
-from ambiseg_monai.engines.latent_models import ProbUNetELBOLoss
+from ambiseg_monai.losses.elbo import ProbUNetELBOLoss
 from ambiseg_monai.networks import latent_distributions as families
 from ambiseg_monai.networks.prob_unet import ProbabilisticUNet
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ambiseg_monai.diffusion import RespacedDDPMScheduler, mixture_posterior_mean, rater_posterior_target
-from ambiseg_monai.diffusion.continuous import ContinuousDDPMScheduler
+from ambiseg_monai.diffusion import mixture_posterior_mean, rater_posterior_target
 from ambiseg_monai.diffusion.weighting import LossWeighting
-from ambiseg_monai.engines import DiffusionTrainingInferer, DiffusionTrainingPrepareBatch
+from ambiseg_monai.engines import DiffusionTrainingPrepareBatch
+from ambiseg_monai.inferers import DiffusionTrainingInferer
+from ambiseg_monai.schedulers import RespacedDDPMScheduler
+from ambiseg_monai.schedulers.continuous import ContinuousDDPMScheduler
 
 
 def test_mixture_posterior_mean_matches_hand_computation():

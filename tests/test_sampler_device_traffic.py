@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ambiseg_monai.diffusion.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler
 from ambiseg_monai.diffusion.gaussian import GaussianChain
 from ambiseg_monai.diffusion.sampler import draw_noise, make_generators, reverse_diffusion
-from ambiseg_monai.diffusion.schedulers import RespacedDDIMScheduler, RespacedDDPMScheduler
+from ambiseg_monai.schedulers.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler
+from ambiseg_monai.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler
 
 META = torch.device("meta")
 

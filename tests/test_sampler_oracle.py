@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from ambiseg_monai.data.demo import DemoConfig, make_demo_case
-from ambiseg_monai.diffusion.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler, ContinuousVPSchedule
 from ambiseg_monai.diffusion.oracle import MixtureOracleDenoiser
 from ambiseg_monai.diffusion.parameterization import DiffusionParameterization
-from ambiseg_monai.diffusion.schedulers import RespacedDDIMScheduler, RespacedDDPMScheduler
-from ambiseg_monai.engines.consensus import ConsensusSamplingInferer
-from ambiseg_monai.engines.inferers import DiffusionSamplingInferer
+from ambiseg_monai.inferers.consensus import ConsensusSamplingInferer
+from ambiseg_monai.inferers.diffusion import DiffusionSamplingInferer
+from ambiseg_monai.schedulers.continuous import ContinuousDDIMScheduler, ContinuousDDPMScheduler, ContinuousVPSchedule
+from ambiseg_monai.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler
 
 NUM_SAMPLES = 1000
 TV_TOLERANCE = 0.045

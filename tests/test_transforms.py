@@ -9,12 +9,15 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose, EnsureTyped
 
 from ambiseg_monai.data.datalist import load_split
-from ambiseg_monai.data.transforms import (
-    ConsensusLevel,
-    LoadImage2D,
-    LoadImage2Dd,
+from ambiseg_monai.transforms.diffusion_range import (
     MaskToSymmetric,
     MaskToSymmetricd,
+    SymmetricToMask,
+    SymmetricToMaskd,
+)
+from ambiseg_monai.transforms.loading import LoadImage2D, LoadImage2Dd
+from ambiseg_monai.transforms.raters import (
+    ConsensusLevel,
     MeanRaters,
     MeanRatersd,
     PadRaters,
@@ -25,8 +28,6 @@ from ambiseg_monai.data.transforms import (
     SelectRandomRaterd,
     SelectRater,
     SelectRaterd,
-    SymmetricToMask,
-    SymmetricToMaskd,
 )
 
 # Three raters on a 1 x 4 image: pixel j is marked by j raters (0, 1, 2, 3).

@@ -10,8 +10,8 @@ from monai.transforms import Compose
 
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import lobe_regions
-from ambiseg_monai.data.transforms import LoadImage2Dd, LoadTruthd
 from ambiseg_monai.handlers.truth import TruthMetricsHandler
+from ambiseg_monai.transforms.loading import LoadImage2Dd, LoadTruthd
 
 
 @pytest.fixture(scope="module")

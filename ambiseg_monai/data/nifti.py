@@ -4,7 +4,7 @@ On disk a C x H x W array is stored as a NIfTI image of shape (H, W, 1, C): the 
 axes first (NIfTI i = image row, j = image column), a singleton third spatial axis, and the
 channels (image channels, or one channel per rater) on the fourth axis. With that layout
 MONAI's ``LoadImage(ensure_channel_first=True)`` yields C x H x W x 1, which
-:class:`ambiseg_monai.data.transforms.LoadImage2D` squeezes to C x H x W, and viewers show one
+:class:`ambiseg_monai.transforms.loading.LoadImage2D` squeezes to C x H x W, and viewers show one
 2D slice with C "time points" instead of a C-slice volume.
 """
 

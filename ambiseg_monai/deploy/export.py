@@ -43,7 +43,12 @@ from ambiseg_monai.deploy.exported import (
 from ambiseg_monai.deploy.predictor import inferer_samples
 from ambiseg_monai.deploy.preprocessing import default_intensity_spec, intensity_spec
 
-__all__ = ["ExportReport", "ExportVerificationError", "export_bundle", "configure_parser", "main"]
+#: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
+__all__ = [
+    "ExportReport",
+    "ExportVerificationError",
+    "export_bundle",
+]
 
 # where bundles define their N-sample inferer: a flat inference config, or our bundles' `infer` section
 INFERER_IDS = ("inferer", "infer#inferer", "validate#inferer")

@@ -15,12 +15,12 @@ Two kinds of traced module (``"kind"`` in the export section):
   ``encode_condition(image) -> cond``: the conditional-denoiser protocol of
   :mod:`ambiseg_monai.networks.denoisers` without optional arguments (a traced module takes no
   ``None``). :class:`ExportedDenoiser` restores the protocol (``cond=None, image=..., class_labels=None``
-  keywords) so :class:`~ambiseg_monai.engines.inferers.DiffusionSamplingInferer` runs on it unchanged.
+  keywords) so :class:`~ambiseg_monai.inferers.diffusion.DiffusionSamplingInferer` runs on it unchanged.
 - ``"latent"``: method ``sample(image) -> B x N_traced x H x W`` logits (the prior sampling of the
   Probabilistic U-Net / PHiSeg with the global RNG, traced with a fixed number of samples ``N_traced``).
   :class:`ExportedLatentModel` provides ``sample(image, num_samples, generators=None)`` for any
   ``num_samples`` by concatenating independent draws, so
-  :class:`~ambiseg_monai.engines.latent_models.LatentSampleInferer` runs on it unchanged (per-row
+  :class:`~ambiseg_monai.inferers.latent.LatentSampleInferer` runs on it unchanged (per-row
   generators become one seed for the traced graph: see :meth:`ExportedLatentModel.sample`).
 """
 

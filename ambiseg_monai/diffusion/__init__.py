@@ -1,58 +1,30 @@
-"""Diffusion core: the scheduler protocol, discrete (respaced DDPM/DDIM) and continuous-time schedulers,
-the parameterisation (x_0 / v / ε), the losses and the sampling loop."""
+"""Diffusion core (the math, no engine code): the scheduler protocols, the parameterisation
+(x_0 / v / ε), the closed-form Gaussian chain, loss weightings w(t), the reverse-diffusion loop, and the
+exact mixture denoiser and rater-posterior targets. Schedulers implementing the protocols:
+:mod:`ambiseg_monai.schedulers`; losses: :mod:`ambiseg_monai.losses`.
+"""
 
-from ambiseg_monai.diffusion.continuous import (
-    ContinuousDDIMScheduler,
-    ContinuousDDPMScheduler,
-    ContinuousTimeScheduler,
-    ContinuousVPSchedule,
-)
-from ambiseg_monai.diffusion.gaussian import GaussianChain, discretized_gaussian_log_likelihood, normal_kl
-from ambiseg_monai.diffusion.losses import DiffusionLoss, HybridDiffusionLoss, vlb_term
-from ambiseg_monai.diffusion.mixture_posterior import mixture_posterior_mean, rater_posterior_target
-from ambiseg_monai.diffusion.oracle import MixtureOracleDenoiser, signal_variance_of
-from ambiseg_monai.diffusion.parameterization import DiffusionParameterization
-from ambiseg_monai.diffusion.protocols import (
-    LearnedVarianceScheduler,
-    SamplingScheduler,
-    TrainingScheduler,
-    sample_training_times,
-)
-from ambiseg_monai.diffusion.sampler import make_generators, reverse_diffusion, sample_seed
-from ambiseg_monai.diffusion.schedulers import (
-    RespacedDDIMScheduler,
-    RespacedDDPMScheduler,
-    evenly_spaced_timesteps,
-    split_model_output,
-)
-from ambiseg_monai.diffusion.weighting import LossWeighting
+import ambiseg_monai.diffusion.gaussian as _gaussian
+import ambiseg_monai.diffusion.mixture_posterior as _mixture_posterior
+import ambiseg_monai.diffusion.oracle as _oracle
+import ambiseg_monai.diffusion.parameterization as _parameterization
+import ambiseg_monai.diffusion.protocols as _protocols
+import ambiseg_monai.diffusion.sampler as _sampler
+import ambiseg_monai.diffusion.weighting as _weighting
+from ambiseg_monai.diffusion.gaussian import *  # noqa: F403
+from ambiseg_monai.diffusion.mixture_posterior import *  # noqa: F403
+from ambiseg_monai.diffusion.oracle import *  # noqa: F403
+from ambiseg_monai.diffusion.parameterization import *  # noqa: F403
+from ambiseg_monai.diffusion.protocols import *  # noqa: F403
+from ambiseg_monai.diffusion.sampler import *  # noqa: F403
+from ambiseg_monai.diffusion.weighting import *  # noqa: F403
 
 __all__ = [
-    "ContinuousDDIMScheduler",
-    "ContinuousDDPMScheduler",
-    "ContinuousTimeScheduler",
-    "ContinuousVPSchedule",
-    "DiffusionLoss",
-    "DiffusionParameterization",
-    "LearnedVarianceScheduler",
-    "LossWeighting",
-    "GaussianChain",
-    "HybridDiffusionLoss",
-    "RespacedDDIMScheduler",
-    "RespacedDDPMScheduler",
-    "SamplingScheduler",
-    "TrainingScheduler",
-    "discretized_gaussian_log_likelihood",
-    "evenly_spaced_timesteps",
-    "make_generators",
-    "mixture_posterior_mean",
-    "MixtureOracleDenoiser",
-    "normal_kl",
-    "rater_posterior_target",
-    "reverse_diffusion",
-    "sample_seed",
-    "sample_training_times",
-    "signal_variance_of",
-    "split_model_output",
-    "vlb_term",
+    *_gaussian.__all__,
+    *_mixture_posterior.__all__,
+    *_oracle.__all__,
+    *_parameterization.__all__,
+    *_protocols.__all__,
+    *_sampler.__all__,
+    *_weighting.__all__,
 ]

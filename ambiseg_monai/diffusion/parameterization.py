@@ -10,7 +10,7 @@ The ε -> x_0 conversion divides by α and the x_0 -> ε conversion by σ: both 
 the schedule keeps α, σ > 0 (the continuous schedule's log-SNR clipping does).
 
 :class:`DiffusionParameterization` is the one place that switches on the prediction type: the
-discrete schedulers (:mod:`ambiseg_monai.diffusion.schedulers`, MONAI's names "epsilon" / "sample" /
+discrete schedulers (:mod:`ambiseg_monai.schedulers.respaced`, MONAI's names "epsilon" / "sample" /
 "v_prediction"), the continuous-time schedulers, the VLB term, the training inferer and the oracle
 denoiser all go through it.
 """

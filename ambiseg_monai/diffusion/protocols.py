@@ -1,10 +1,10 @@
 """The scheduler protocol of the diffusion core, and the two pieces every implementation shares.
 
-One training inferer (:class:`~ambiseg_monai.engines.DiffusionTrainingInferer`) and one N-sample
-inferer (:class:`~ambiseg_monai.engines.DiffusionSamplingInferer`) serve every diffusion method; they
+One training inferer (:class:`~ambiseg_monai.inferers.DiffusionTrainingInferer`) and one N-sample
+inferer (:class:`~ambiseg_monai.inferers.DiffusionSamplingInferer`) serve every diffusion method; they
 talk to a scheduler only through these members, so discrete time (the respaced DDPM / DDIM of
-:mod:`ambiseg_monai.diffusion.schedulers`, timesteps are integers in ``[0, T)``) and continuous time
-(:mod:`ambiseg_monai.diffusion.continuous`, t in [0, 1]) are interchangeable.
+:mod:`ambiseg_monai.schedulers.respaced`, timesteps are integers in ``[0, T)``) and continuous time
+(:mod:`ambiseg_monai.schedulers.continuous`, t in [0, 1]) are interchangeable.
 
 - :class:`SamplingScheduler`: what the reverse-diffusion loop
   (:func:`~ambiseg_monai.diffusion.sampler.reverse_diffusion`) uses: ``set_timesteps``,
@@ -12,7 +12,7 @@ talk to a scheduler only through these members, so discrete time (the respaced D
 - :class:`TrainingScheduler`: what the training inferer uses: the parameterisation (what the
   network predicts), drawing training times, noising, and the per-row coefficients α(t), σ(t).
 - :class:`LearnedVarianceScheduler`: a training scheduler that can also evaluate Improved DDPM's
-  variational-bound term (:func:`~ambiseg_monai.diffusion.losses.vlb_term`) of a learned variance.
+  variational-bound term (:func:`~ambiseg_monai.losses.diffusion.vlb_term`) of a learned variance.
 
 The protocols are ``runtime_checkable``: the inferers check a scheduler with ``isinstance`` and name
 the missing members in their error.

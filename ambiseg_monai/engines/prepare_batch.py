@@ -9,6 +9,7 @@ data contract: ``image`` B x C x H x W, ``label`` B x M x H x W (all raters, pad
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from monai.engines import PrepareBatch
@@ -54,10 +55,21 @@ def _check_rater_stack(stack: torch.Tensor, image: torch.Tensor, what: str) -> N
 
 
 class _ImagePrepareBatch(PrepareBatch):
-    """What both prepare_batch callables share: the images (checked) and the optional class labels."""
+    """What both prepare_batch callables share: the images (checked) and the optional class labels.
+
+    Args (keywords of both subclasses):
+        image_key: batch key of the B x C x H x W images.
+        class_label_key: key of per-image integer labels (consensus level, rater id) or None.
+        image_channels: when set, a batch with another channel count raises a clear error.
+        channels_last: use channels-last memory on CUDA.
+    """
 
     def __init__(
-        self, image_key: str, class_label_key: str | None, image_channels: int | None, channels_last: bool
+        self,
+        image_key: str = "image",
+        class_label_key: str | None = None,
+        image_channels: int | None = None,
+        channels_last: bool = True,
     ) -> None:
         self.image_key = image_key
         self.class_label_key = class_label_key
@@ -83,27 +95,23 @@ class DiffusionTrainingPrepareBatch(_ImagePrepareBatch):
     """Training batch -> ``(image, target, (), {"target": target, "class_labels": labels})``.
 
     Args:
-        image_key, target_key: batch keys of the image and of the training target (chosen by the
-            label-strategy transform: one random rater, the mean, a consensus level...).
-        class_label_key: key of per-image integer labels (consensus level, rater id) or None.
-        image_channels: when set, a batch with another channel count raises a clear error.
-        channels_last: use channels-last memory on CUDA.
+        target_key: batch key of the training target (chosen by the label-strategy transform: one
+            random rater, the mean, a consensus level...).
         rater_key, rater_mask_key: when ``rater_key`` is set, also pass all raters (B x R x H x W)
             and the rater mask (B x R) as the inferer keywords ``raters`` and ``rater_mask`` (for
             rater-posterior training targets).
+        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last`` (see
+            ``_ImagePrepareBatch``).
     """
 
     def __init__(
         self,
-        image_key: str = "image",
         target_key: str = "target",
-        class_label_key: str | None = None,
-        image_channels: int | None = None,
-        channels_last: bool = True,
         rater_key: str | None = None,
         rater_mask_key: str = "rater_mask",
+        **options: Any,
     ) -> None:
-        super().__init__(image_key, class_label_key, image_channels, channels_last)
+        super().__init__(**options)
         self.target_key = target_key
         self.rater_key = rater_key
         self.rater_mask_key = rater_mask_key
@@ -133,22 +141,15 @@ class SamplingPrepareBatch(_ImagePrepareBatch):
     optional so that inference works on unlabeled images. ``image_ids`` (case ids) seed the samples.
 
     Args:
-        image_key, label_key, rater_mask_key, id_key, class_label_key: batch keys.
-        image_channels: as in :class:`DiffusionTrainingPrepareBatch`.
-        channels_last: use channels-last memory on CUDA.
+        label_key, rater_mask_key, id_key: batch keys.
+        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last``, as in
+            :class:`DiffusionTrainingPrepareBatch`.
     """
 
     def __init__(
-        self,
-        image_key: str = "image",
-        label_key: str = "label",
-        rater_mask_key: str = "rater_mask",
-        id_key: str = "case_id",
-        class_label_key: str | None = None,
-        image_channels: int | None = None,
-        channels_last: bool = True,
+        self, label_key: str = "label", rater_mask_key: str = "rater_mask", id_key: str = "case_id", **options: Any
     ) -> None:
-        super().__init__(image_key, class_label_key, image_channels, channels_last)
+        super().__init__(**options)
         self.label_key = label_key
         self.rater_mask_key = rater_mask_key
         self.id_key = id_key

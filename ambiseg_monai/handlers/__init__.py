@@ -1,63 +1,36 @@
 """Ignite handlers: the metric handler, per-image tables and sample writers, MLflow tracking (provenance,
 prefixed metrics, a failure-tolerant ``MLFlowHandler``), loss-term logging, checkpoints, guards, PNG grids."""
 
-from ambiseg_monai.handlers.checkpoint import (
-    AtomicCheckpointSaver,
-    AtomicDiskSaver,
-    RequiredCheckpointLoader,
-    ResumableCheckpointer,
-    atomic_save,
-    latest_checkpoint,
-)
-from ambiseg_monai.handlers.generation_curve import GenerationCurveHandler
-from ambiseg_monai.handlers.gradient_clipping import GradientClipping
-from ambiseg_monai.handlers.loss_terms import LossTerms
-from ambiseg_monai.handlers.metrics import (
-    AmbiguousSegmentationMetricsHandler,
-    CaseIdMeta,
-    batch_field,
-    rater_mask_from_batch,
-)
-from ambiseg_monai.handlers.mlflow_logging import (
-    GuardedMLFlowHandler,
-    MLflowMetricsLogger,
-    ProvenanceHandler,
-    default_run_name,
-)
-from ambiseg_monai.handlers.nonfinite import NonFiniteGuard, NonFiniteTrainingError
-from ambiseg_monai.handlers.result_writers import NiftiSampleWriter, PerImageMetricsWriter
-from ambiseg_monai.handlers.sample_images import SampleGridHandler, render_sample_grid
-from ambiseg_monai.handlers.truth import TRUTH_KEYS, TRUTH_METRIC_NAMES, TruthMetricsHandler, render_mode_frequencies
+import ambiseg_monai.handlers.checkpoint as _checkpoint
+import ambiseg_monai.handlers.generation_curve as _generation_curve
+import ambiseg_monai.handlers.gradient_clipping as _gradient_clipping
+import ambiseg_monai.handlers.loss_terms as _loss_terms
+import ambiseg_monai.handlers.metrics as _metrics
+import ambiseg_monai.handlers.mlflow_logging as _mlflow_logging
+import ambiseg_monai.handlers.nonfinite as _nonfinite
+import ambiseg_monai.handlers.result_writers as _result_writers
+import ambiseg_monai.handlers.sample_images as _sample_images
+import ambiseg_monai.handlers.truth as _truth
+from ambiseg_monai.handlers.checkpoint import *  # noqa: F403
+from ambiseg_monai.handlers.generation_curve import *  # noqa: F403
+from ambiseg_monai.handlers.gradient_clipping import *  # noqa: F403
+from ambiseg_monai.handlers.loss_terms import *  # noqa: F403
+from ambiseg_monai.handlers.metrics import *  # noqa: F403
+from ambiseg_monai.handlers.mlflow_logging import *  # noqa: F403
+from ambiseg_monai.handlers.nonfinite import *  # noqa: F403
+from ambiseg_monai.handlers.result_writers import *  # noqa: F403
+from ambiseg_monai.handlers.sample_images import *  # noqa: F403
+from ambiseg_monai.handlers.truth import *  # noqa: F403
 
 __all__ = [
-    # metrics and results
-    "AmbiguousSegmentationMetricsHandler",
-    "CaseIdMeta",
-    "batch_field",
-    "rater_mask_from_batch",
-    "PerImageMetricsWriter",
-    "NiftiSampleWriter",
-    "TruthMetricsHandler",
-    "TRUTH_KEYS",
-    "TRUTH_METRIC_NAMES",
-    "render_mode_frequencies",
-    "GenerationCurveHandler",
-    "SampleGridHandler",
-    "render_sample_grid",
-    # tracking
-    "ProvenanceHandler",
-    "MLflowMetricsLogger",
-    "GuardedMLFlowHandler",
-    "default_run_name",
-    "LossTerms",
-    # training
-    "AtomicCheckpointSaver",
-    "AtomicDiskSaver",
-    "atomic_save",
-    "RequiredCheckpointLoader",
-    "ResumableCheckpointer",
-    "latest_checkpoint",
-    "GradientClipping",
-    "NonFiniteGuard",
-    "NonFiniteTrainingError",
+    *_checkpoint.__all__,
+    *_generation_curve.__all__,
+    *_gradient_clipping.__all__,
+    *_loss_terms.__all__,
+    *_metrics.__all__,
+    *_mlflow_logging.__all__,
+    *_nonfinite.__all__,
+    *_result_writers.__all__,
+    *_sample_images.__all__,
+    *_truth.__all__,
 ]

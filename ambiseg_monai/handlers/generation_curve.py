@@ -1,7 +1,7 @@
 """Soft Dice against the number of generations (Amit et al. 2023, Fig. 3): computation and Ignite handler.
 
 Consensus diffusion averages G generations per consensus level. Because every generation has its own
-seeded generator (:class:`~ambiseg_monai.engines.consensus.ConsensusSamplingInferer`), the first g
+seeded generator (:class:`~ambiseg_monai.inferers.consensus.ConsensusSamplingInferer`), the first g
 generations of one evaluation run are exactly a run with G = g, so the whole curve g = 1..G comes from
 one run: :func:`soft_dice_by_generations` re-combines prefixes of the B x C x G x H x W samples.
 
@@ -23,10 +23,10 @@ from ignite.engine import Engine, Events
 from monai.handlers.utils import from_engine
 from monai.utils import evenly_divisible_all_gather
 
-from ambiseg_monai.engines.consensus import combine_consensus_samples
 from ambiseg_monai.handlers.metrics import as_batch, rater_mask_from_batch
 from ambiseg_monai.handlers.mlflow_logging import log_artifact, mlflow_run_id
 from ambiseg_monai.metrics.soft_dice import CONSENSUS_PAPER_THRESHOLDS, QUBIQ_THRESHOLDS, soft_dice
+from ambiseg_monai.transforms.consensus import combine_consensus_samples
 
 __all__ = ["soft_dice_by_generations", "GenerationCurveHandler"]
 

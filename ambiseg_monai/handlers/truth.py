@@ -1,7 +1,7 @@
 """Score an evaluator's samples against a known true rater distribution, and plot the frequencies.
 
 On a dataset whose items carry a ``truth`` (the demo dataset; loaded by
-:class:`~ambiseg_monai.data.transforms.LoadTruthd`), the samples can be judged against the distribution
+:class:`~ambiseg_monai.transforms.loading.LoadTruthd`), the samples can be judged against the distribution
 itself rather than against four rater draws. :class:`TruthMetricsHandler` publishes, averaged over images:
 
 - ``truth_ged``: GED to the true distribution (:func:`~ambiseg_monai.metrics.generalized_energy_distance_to_truth`);
@@ -32,7 +32,7 @@ from ambiseg_monai.handlers.sample_images import save_figure
 from ambiseg_monai.metrics.speckle import isolated_pixel_fraction
 from ambiseg_monai.metrics.truth import truth_scores
 
-__all__ = ["TRUTH_METRIC_NAMES", "TruthMetricsHandler", "render_mode_frequencies"]
+__all__ = ["TRUTH_KEYS", "TRUTH_METRIC_NAMES", "TruthMetricsHandler", "render_mode_frequencies"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class TruthMetricsHandler:
 
     Reads the samples from ``engine.state.output[pred_key]`` (B x N x H x W; a B x C x G x H x W consensus
     sample stack is flattened to C·G samples) and the truth from ``engine.state.batch`` (the keys written by
-    :class:`~ambiseg_monai.data.transforms.LoadTruthd`). Needs a non-decollated output (``decollate=False``).
+    :class:`~ambiseg_monai.transforms.loading.LoadTruthd`). Needs a non-decollated output (``decollate=False``).
 
     Args:
         output_dir: folder of the PNG (None: no plot).

@@ -1,37 +1,33 @@
 """Networks: conditional denoisers (CIMD, AmbDiffSeg, consensus diffusion), CIMD's AMN/ACN, the RRDB
 image encoder, and the latent-variable baselines (Probabilistic U-Net family, PHiSeg)."""
 
-from ambiseg_monai.networks.ambdiffseg import ContinuousTimeDenoiser
-from ambiseg_monai.networks.ambiguity import AxisAlignedGaussianEncoder, ambiguity_kl
-from ambiseg_monai.networks.cimd import CIMDNetwork
-from ambiseg_monai.networks.consensus import ConsensusDenoiser
-from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser, ConditionalDenoiser, unwrap_network
-from ambiseg_monai.networks.latent_distributions import (
-    AxisAlignedGaussian,
-    FullCovarianceGaussian,
-    MixtureOfAxisAlignedGaussians,
-    MixtureOfFullCovarianceGaussians,
-    latent_kl_divergence,
-)
-from ambiseg_monai.networks.phiseg import PHiSeg
-from ambiseg_monai.networks.prob_unet import ProbabilisticUNet
-from ambiseg_monai.networks.rrdb import RRDBEncoder
+import ambiseg_monai.networks.ambdiffseg as _ambdiffseg
+import ambiseg_monai.networks.ambiguity as _ambiguity
+import ambiseg_monai.networks.cimd as _cimd
+import ambiseg_monai.networks.consensus as _consensus
+import ambiseg_monai.networks.denoisers as _denoisers
+import ambiseg_monai.networks.latent_distributions as _latent_distributions
+import ambiseg_monai.networks.phiseg as _phiseg
+import ambiseg_monai.networks.prob_unet as _prob_unet
+import ambiseg_monai.networks.rrdb as _rrdb
+from ambiseg_monai.networks.ambdiffseg import *  # noqa: F403
+from ambiseg_monai.networks.ambiguity import *  # noqa: F403
+from ambiseg_monai.networks.cimd import *  # noqa: F403
+from ambiseg_monai.networks.consensus import *  # noqa: F403
+from ambiseg_monai.networks.denoisers import *  # noqa: F403
+from ambiseg_monai.networks.latent_distributions import *  # noqa: F403
+from ambiseg_monai.networks.phiseg import *  # noqa: F403
+from ambiseg_monai.networks.prob_unet import *  # noqa: F403
+from ambiseg_monai.networks.rrdb import *  # noqa: F403
 
 __all__ = [
-    "AxisAlignedGaussian",
-    "AxisAlignedGaussianEncoder",
-    "CIMDNetwork",
-    "ConcatConditionedDenoiser",
-    "ConditionalDenoiser",
-    "ConsensusDenoiser",
-    "ContinuousTimeDenoiser",
-    "FullCovarianceGaussian",
-    "MixtureOfAxisAlignedGaussians",
-    "MixtureOfFullCovarianceGaussians",
-    "PHiSeg",
-    "ProbabilisticUNet",
-    "RRDBEncoder",
-    "ambiguity_kl",
-    "latent_kl_divergence",
-    "unwrap_network",
+    *_ambdiffseg.__all__,
+    *_ambiguity.__all__,
+    *_cimd.__all__,
+    *_consensus.__all__,
+    *_denoisers.__all__,
+    *_latent_distributions.__all__,
+    *_phiseg.__all__,
+    *_prob_unet.__all__,
+    *_rrdb.__all__,
 ]

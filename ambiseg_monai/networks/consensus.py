@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ambiseg_monai.networks.denoisers import ConditionalDenoiser
+from ambiseg_monai.networks.denoisers import ConditionalDenoiser, diffusion_unet
 from ambiseg_monai.networks.rrdb import RRDBEncoder
 
 __all__ = ["SummedConditionStem", "ConsensusDenoiser"]
@@ -104,16 +103,15 @@ class ConsensusDenoiser(ConditionalDenoiser):
             num_blocks=rrdb_blocks,
             growth_channels=rrdb_growth_channels,
         )
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
-            in_channels=self.mask_channels,
-            out_channels=self.out_channels,
-            channels=tuple(channels),
+        self.unet = diffusion_unet(
+            self.mask_channels,
+            self.out_channels,
+            channels,
+            attention_levels,
+            self.num_levels,
             num_res_blocks=num_res_blocks,
-            attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channels),
             norm_num_groups=norm_num_groups,
             num_head_channels=num_head_channels,
-            num_class_embeds=self.num_levels,
             resblock_updown=resblock_updown,
             use_flash_attention=use_flash_attention,
         )

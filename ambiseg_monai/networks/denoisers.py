@@ -21,7 +21,33 @@ from typing import Any
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-__all__ = ["ConditionalDenoiser", "ConcatConditionedDenoiser", "unwrap_network"]
+__all__ = ["ConditionalDenoiser", "ConcatConditionedDenoiser", "diffusion_unet", "unwrap_network"]
+
+
+def diffusion_unet(
+    in_channels: int,
+    out_channels: int,
+    channels: Sequence[int],
+    attention_levels: Sequence[bool] | None = None,
+    num_class_embeds: int | None = None,
+    spatial_dims: int = 2,
+    **options: Any,
+) -> DiffusionModelUNet:
+    """The MONAI ``DiffusionModelUNet`` every denoiser here is built on.
+
+    ``attention_levels`` defaults to no attention at any level (one entry per ``channels`` level);
+    ``options`` (``num_res_blocks``, ``norm_num_groups``, ``num_head_channels``, ``resblock_updown``,
+    ``use_flash_attention``, ...) go to the U-Net as they are.
+    """
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=tuple(channels),
+        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channels),
+        num_class_embeds=num_class_embeds,
+        **options,
+    )
 
 
 def unwrap_network(network: torch.nn.Module) -> Any:
@@ -93,16 +119,16 @@ class ConcatConditionedDenoiser(ConditionalDenoiser):
         self.image_channels = int(image_channels)
         self.mask_channels = int(mask_channels)
         self.out_channels = self.mask_channels * (2 if learn_variance else 1)
-        self.unet = DiffusionModelUNet(
-            spatial_dims=spatial_dims,
-            in_channels=self.image_channels + self.mask_channels,
-            out_channels=self.out_channels,
-            channels=tuple(channels),
+        self.unet = diffusion_unet(
+            self.image_channels + self.mask_channels,
+            self.out_channels,
+            channels,
+            attention_levels,
+            num_class_embeds,
+            spatial_dims,
             num_res_blocks=num_res_blocks,
-            attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channels),
             norm_num_groups=norm_num_groups,
             num_head_channels=num_head_channels,
-            num_class_embeds=num_class_embeds,
             resblock_updown=resblock_updown,
             use_flash_attention=use_flash_attention,
         )

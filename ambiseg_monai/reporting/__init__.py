@@ -5,63 +5,33 @@
 Importing runs from one store into another: :mod:`ambiseg_monai.reporting.sync`
 (``python -m ambiseg_monai.reporting.sync``)."""
 
-from ambiseg_monai.reporting.naming import (
-    COMPARISON_EXPERIMENT,
-    DEFAULT_SAMPLE_COUNTS,
-    REPORT_METRICS,
-    evaluation_metric_key,
-    parse_evaluation_metric_key,
-    per_image_csv_name,
-)
-from ambiseg_monai.reporting.provenance import (
-    code_version,
-    config_files_from_argv,
-    datalist_sha256,
-    executed_config_from_argv,
-    flatten_config,
-    hyperparameters,
-    load_config,
-    log_evaluation_results,
-    log_executed_config,
-    log_per_image_csv,
-    log_provenance,
-    provenance_tags,
-    summarise_per_image,
-)
-from ambiseg_monai.reporting.report import ComparisonReport, compare_runs, load_per_image_metrics, training_curves
-from ambiseg_monai.reporting.runs import RunSelection, select_runs
-from ambiseg_monai.reporting.table import comparison_table, evaluation_frame, table_to_markdown
-from ambiseg_monai.reporting.tracking import probe_tracking_uri, resolve_tracking_uri
+import ambiseg_monai.reporting.compare as _compare
+import ambiseg_monai.reporting.naming as _naming
+import ambiseg_monai.reporting.plots as _plots
+import ambiseg_monai.reporting.provenance as _provenance
+import ambiseg_monai.reporting.report as _report
+import ambiseg_monai.reporting.runs as _runs
+import ambiseg_monai.reporting.sync as _sync
+import ambiseg_monai.reporting.table as _table
+import ambiseg_monai.reporting.tracking as _tracking
+from ambiseg_monai.reporting.compare import *  # noqa: F403
+from ambiseg_monai.reporting.naming import *  # noqa: F403
+from ambiseg_monai.reporting.plots import *  # noqa: F403
+from ambiseg_monai.reporting.provenance import *  # noqa: F403
+from ambiseg_monai.reporting.report import *  # noqa: F403
+from ambiseg_monai.reporting.runs import *  # noqa: F403
+from ambiseg_monai.reporting.sync import *  # noqa: F403
+from ambiseg_monai.reporting.table import *  # noqa: F403
+from ambiseg_monai.reporting.tracking import *  # noqa: F403
 
 __all__ = [
-    "COMPARISON_EXPERIMENT",
-    "DEFAULT_SAMPLE_COUNTS",
-    "REPORT_METRICS",
-    "evaluation_metric_key",
-    "parse_evaluation_metric_key",
-    "per_image_csv_name",
-    "code_version",
-    "config_files_from_argv",
-    "datalist_sha256",
-    "executed_config_from_argv",
-    "flatten_config",
-    "hyperparameters",
-    "load_config",
-    "log_evaluation_results",
-    "log_executed_config",
-    "log_per_image_csv",
-    "log_provenance",
-    "provenance_tags",
-    "summarise_per_image",
-    "ComparisonReport",
-    "compare_runs",
-    "load_per_image_metrics",
-    "training_curves",
-    "RunSelection",
-    "select_runs",
-    "comparison_table",
-    "evaluation_frame",
-    "table_to_markdown",
-    "probe_tracking_uri",
-    "resolve_tracking_uri",
+    *_compare.__all__,
+    *_naming.__all__,
+    *_plots.__all__,
+    *_provenance.__all__,
+    *_report.__all__,
+    *_runs.__all__,
+    *_sync.__all__,
+    *_table.__all__,
+    *_tracking.__all__,
 ]

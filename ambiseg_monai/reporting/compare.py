@@ -16,7 +16,8 @@ from ambiseg_monai.reporting.report import compare_runs
 from ambiseg_monai.reporting.runs import RunSelection
 from ambiseg_monai.reporting.tracking import DEFAULT_TRACKING_URI
 
-__all__ = ["configure_parser", "main", "parse_tags"]
+#: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
+__all__ = ["parse_tags"]
 
 
 def _comma_list(text: str) -> list[str]:

@@ -32,7 +32,11 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.tracking import TAG_CONTINUES_RUN, TAG_CONTINUES_URI
 
-__all__ = ["SyncedRun", "sync_runs", "configure_parser", "main"]
+#: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
+__all__ = [
+    "SyncedRun",
+    "sync_runs",
+]
 
 # Tags MLflow derives from the run itself; copying them would clash with the destination's own.
 _SKIPPED_TAGS = ("mlflow.runName",)

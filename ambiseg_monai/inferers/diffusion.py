@@ -7,11 +7,11 @@ in discrete or continuous time: they use a scheduler only through the protocol o
 
 - :class:`DiffusionTrainingInferer` is the ``inferer`` of MONAI's ``SupervisedTrainer``: it draws
   t and the noise, forms x_t and returns the per-sample loss terms that
-  :class:`~ambiseg_monai.diffusion.losses.DiffusionLoss` weights.
+  :class:`~ambiseg_monai.losses.diffusion.DiffusionLoss` weights.
 - :class:`DiffusionSamplingInferer` is the one N-sample inferer used by the evaluator,
   ``inference.json`` and the deploy app: ``__call__(inputs, network) -> B x N x H x W``. Per-sample
   class labels and a post-processing step make it the consensus-diffusion sampler too
-  (:class:`~ambiseg_monai.engines.consensus.ConsensusSamplingInferer`).
+  (:class:`~ambiseg_monai.inferers.consensus.ConsensusSamplingInferer`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 from monai.inferers import Inferer
 
 from ambiseg_monai.diffusion.gaussian import mean_over_pixels
-from ambiseg_monai.diffusion.losses import vlb_term
 from ambiseg_monai.diffusion.mixture_posterior import rater_posterior_target
 from ambiseg_monai.diffusion.parameterization import eps_from_x0
 from ambiseg_monai.diffusion.protocols import LearnedVarianceScheduler, TrainingScheduler, missing_members
@@ -35,9 +34,11 @@ from ambiseg_monai.diffusion.sampler import (
     reverse_diffusion,
     take_rows,
 )
-from ambiseg_monai.diffusion.schedulers import split_model_output
 from ambiseg_monai.diffusion.weighting import LossWeighting
+from ambiseg_monai.losses.diffusion import vlb_term
 from ambiseg_monai.networks.denoisers import unwrap_network
+from ambiseg_monai.schedulers.respaced import split_model_output
+from ambiseg_monai.transforms.diffusion_range import mask_to_symmetric
 
 __all__ = [
     "DiffusionTrainingInferer",
@@ -45,23 +46,10 @@ __all__ = [
     "PerImageSeedingInferer",
     "SAMPLE_VALUES",
     "sample_statistics",
-    "mask_to_symmetric",
 ]
 
 #: How a sampled x_0 in [-1, 1] becomes a sample value in [0, 1] (see :class:`DiffusionSamplingInferer`).
 SAMPLE_VALUES = ("binary", "continuous")
-
-
-def mask_to_symmetric(mask: torch.Tensor) -> torch.Tensor:
-    """A mask (or soft mask) in [0, 1] -> the diffusion range [-1, 1] (0 -> -1, 1 -> +1)."""
-    mask = mask.float()
-    low, high = float(mask.min()), float(mask.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(
-            f"training targets must be masks in [0, 1] (they are mapped to [-1, 1] here); "
-            f"got values in [{low}, {high}]."
-        )
-    return 2.0 * mask - 1.0
 
 
 def sample_statistics(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +82,13 @@ class DiffusionTrainingInferer(Inferer):
     Args:
         scheduler: the training scheduler, following
             :class:`~ambiseg_monai.diffusion.protocols.TrainingScheduler`
-            (:class:`~ambiseg_monai.diffusion.RespacedDDPMScheduler`, or a continuous-time scheduler of
-            :mod:`ambiseg_monai.diffusion.continuous`).
+            (:class:`~ambiseg_monai.schedulers.RespacedDDPMScheduler`, or a continuous-time scheduler of
+            :mod:`ambiseg_monai.schedulers.continuous`).
         compute_vlb: add Improved DDPM's ``l_vlb`` when the network outputs a learned variance
             (2 x C channels; needs a :class:`~ambiseg_monai.diffusion.protocols.LearnedVarianceScheduler`,
             i.e. a discrete scheduler). With False, variance channels are ignored.
         autocast_dtype: "bfloat16" or "float16": run the network call under ``torch.autocast`` on the
-            inputs' device (the bundles pass :func:`~ambiseg_monai.engines.cpu_autocast_dtype`: bf16 on
+            inputs' device (the bundles pass :func:`~ambiseg_monai.utils.cpu_autocast_dtype`: bf16 on
             CPUs with native bf16, where it trains about 2x faster; CUDA uses the engine's ``amp``).
             The losses are computed in float32 either way.
         rater_posterior_targets: regress on ``E[x_0 | x_t, the image's raters]``
@@ -295,7 +283,7 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         sample_values: ``"binary"`` (``x_0 > threshold``) or ``"continuous"`` (``(x_0 + 1) / 2`` clamped
             to [0, 1], for models that regress a soft map).
         postprocess: called on the B x N x H x W samples; its result is what the inferer returns (e.g.
-            :class:`~ambiseg_monai.engines.consensus.CombineConsensusSamples`). Not with ``return_stats``.
+            :class:`~ambiseg_monai.transforms.consensus.CombineConsensusSamples`). Not with ``return_stats``.
 
     ``__call__`` keyword arguments: ``image_ids`` (B case ids or dataset positions; default: a running
     count of the images this inferer has seen, see :meth:`reset_counter`), ``class_labels`` (B,).

@@ -8,12 +8,12 @@ N x H x W sample stack (the channel dimension holds the samples), e.g. as an eva
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
-
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+
+from ambiseg_monai.transforms.keywise import KeywiseTransformd
 
 __all__ = ["relative_area_filter", "RelativeAreaFilter", "RelativeAreaFilterd"]
 
@@ -68,17 +68,10 @@ class RelativeAreaFilter(Transform):
         return out
 
 
-class RelativeAreaFilterd(MapTransform):
+class RelativeAreaFilterd(KeywiseTransformd):
     """Dict version of :class:`RelativeAreaFilter` (default key ``"pred"``)."""
 
     backend = RelativeAreaFilter.backend
 
     def __init__(self, keys: KeysCollection = "pred", r: float = 0.5, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.filter = RelativeAreaFilter(r)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.filter(d[key])
-        return d
+        super().__init__(keys, RelativeAreaFilter(r), allow_missing_keys)

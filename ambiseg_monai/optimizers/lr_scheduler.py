@@ -2,7 +2,7 @@
 
 :class:`WarmupConstantCosine` is the paper's learning-rate schedule as an ``LambdaLR`` factor: linear
 warm-up, constant, then cosine decay to 0 over the last ``decay_steps`` iterations. (AmbDiffSeg trains
-with the one training inferer, :class:`~ambiseg_monai.engines.DiffusionTrainingInferer`, given a
+with the one training inferer, :class:`~ambiseg_monai.inferers.DiffusionTrainingInferer`, given a
 ``weighting`` and ``stratified_times: true``.)
 """
 

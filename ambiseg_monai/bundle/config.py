@@ -38,16 +38,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
 __all__ = [
     "MACRO",
     "RUN_IDS",
     "bundle_combinations",
     "canonical_config",
     "config_layout",
-    "configure_parser",
     "find_macros",
     "format_config",
-    "main",
     "merged_config",
     "resolve_file_macros",
     "resolve_macros",

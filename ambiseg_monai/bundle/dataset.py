@@ -1,19 +1,26 @@
-"""Small library functions the bundle configs call (so that configs stay pure wiring)."""
+"""Dataset checks and inference inputs the bundle configs call (so that configs stay pure wiring).
+
+- :func:`prepare_dataset`: the training-start check of ``dataset_dir`` (generates the demo dataset at
+  its default place); a missing dataset names the ``ambiseg prepare ...`` command (:func:`prepare_command`);
+- :func:`padded_rater_count`: the rater count batches pad to;
+- :func:`inference_items`: the items of an inference run (a folder of NIfTI images or a dataset).
+
+Their user errors end a bundle run with a short message (:mod:`ambiseg_monai.bundle.errors`).
+"""
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
-import torch
-
+from ambiseg_monai.bundle.errors import (
+    BundleInputError,
+    DatasetNotPreparedError,
+    InferenceInputError,
+    short_errors_in_bundle_cli,
+)
 from ambiseg_monai.data.datalist import (
     DATALIST_FILENAME,
-    DatalistError,
     load_datalist,
     load_split,
     max_num_raters,
@@ -21,79 +28,7 @@ from ambiseg_monai.data.datalist import (
 )
 from ambiseg_monai.data.nifti import is_nifti_path
 
-__all__ = [
-    "BundleInputError",
-    "DatasetNotPreparedError",
-    "InferenceInputError",
-    "BundleExit",
-    "debug_enabled",
-    "prepare_command",
-    "prepare_dataset",
-    "padded_rater_count",
-    "network_to_device",
-    "use_amp",
-    "cpu_has_native_bf16",
-    "cpu_autocast_dtype",
-    "inference_items",
-]
-
-
-#: environment switch: set to 1 to get the full traceback of a bundle run's input error
-DEBUG_ENV = "AMBISEG_DEBUG"
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-class BundleInputError(ValueError):
-    """An input or setting of a bundle run is wrong (a dataset not prepared, a wrong ``--input_dir``,
-    ``image_channels`` not matching the data); the message names the file or setting and the fix."""
-
-
-class DatasetNotPreparedError(BundleInputError, DatalistError):
-    """``dataset_dir`` holds no ``datalist.json``: the dataset was not prepared (``ambiseg prepare ...``)."""
-
-
-class InferenceInputError(BundleInputError, FileNotFoundError):
-    """Inference's ``input_dir`` does not exist or is not a folder of NIfTI images or a dataset."""
-
-
-class BundleExit(SystemExit):
-    """Ends ``python -m monai.bundle run`` with a short message instead of a chained traceback.
-
-    Raised (from the original error) by :func:`prepare_dataset` and :func:`inference_items` only when
-    the process is the bundle command line and ``AMBISEG_DEBUG`` is not set: MONAI's config
-    expressions wrap every ``Exception`` in ``RuntimeError("Failed to evaluate ...")``, but a
-    ``SystemExit`` passes through them, and Python prints its message to stderr and exits with status 1.
-    Called from Python (``ConfigWorkflow``, tests, scripts), the helpers raise the ordinary errors
-    (:class:`BundleInputError`, :class:`~ambiseg_monai.data.datalist.DatalistError`), which can be caught.
-    """
-
-
-def debug_enabled() -> bool:
-    """True when ``AMBISEG_DEBUG`` is set (and not ``0`` / ``false`` / ``no``): errors keep their traceback."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _in_bundle_cli() -> bool:
-    """True in a ``python -m monai.bundle ...`` process (also each ``torchrun -m monai.bundle`` worker)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec is not None and str(spec.name).startswith("monai.bundle")
-
-
-def _short_errors_in_bundle_cli(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """In the bundle command line, turn the function's user errors into a :class:`BundleExit`."""
-
-    @functools.wraps(function)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return function(*args, **kwargs)
-        except (BundleInputError, DatalistError) as error:
-            if not _in_bundle_cli() or debug_enabled():
-                raise
-            raise BundleExit(f"ambiseg: error: {error}\n(set {DEBUG_ENV}=1 to see the full traceback)") from error
-
-    return wrapper
+__all__ = ["prepare_command", "prepare_dataset", "padded_rater_count", "inference_items"]
 
 
 def prepare_command(dataset_dir: str | os.PathLike) -> str:
@@ -140,7 +75,7 @@ def _not_prepared_message(path: Path) -> str:
     )
 
 
-@_short_errors_in_bundle_cli
+@short_errors_in_bundle_cli
 def prepare_dataset(
     dataset_dir: str | os.PathLike,
     image_channels: int,
@@ -162,7 +97,7 @@ def prepare_dataset(
     the dataset's ``.validation_cache.json``, so later starts only re-read files that changed.
 
     In ``python -m monai.bundle run`` these errors end the run with a short message (the error's
-    text, no traceback; :class:`BundleExit`) unless ``AMBISEG_DEBUG=1`` is set.
+    text, no traceback; :class:`~ambiseg_monai.bundle.errors.BundleExit`) unless ``AMBISEG_DEBUG=1`` is set.
 
     Raises:
         DatasetNotPreparedError: ``dataset_dir`` holds no ``datalist.json``; the message gives the
@@ -203,38 +138,7 @@ def padded_rater_count(dataset_dir: str | os.PathLike) -> int:
     return max_num_raters(load_datalist(dataset_dir))
 
 
-def network_to_device(network: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
-    """Move a network to ``device``; on CUDA also switch it to channels-last memory."""
-    device = torch.device(device)
-    network = network.to(device)
-    if device.type == "cuda":
-        # Module.to accepts memory_format (documented), which torch's overloads leave out
-        network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return network
-
-
-def use_amp(device: str | torch.device, requested: bool = True) -> bool:
-    """The engines' ``amp`` flag (fp16 autocast + GradScaler): MONAI's engines implement it for CUDA only."""
-    return bool(requested) and torch.device(device).type == "cuda"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on a CPU whose oneDNN kernels run bfloat16 natively (AVX512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def cpu_autocast_dtype(device: str | torch.device, requested: bool = True) -> str | None:
-    """``"bfloat16"`` on a CPU with native bf16 when mixed precision is requested, else None.
-
-    The bundles pass it to their training and sampling inferers as ``autocast_dtype``: MONAI's
-    engines autocast on CUDA only (``amp``), and on such a CPU bf16 network calls train about
-    2x faster with no measured loss in sample quality (docs/benchmarks.md). CPUs without native
-    bf16 emulate it slower than float32, so they keep float32.
-    """
-    return "bfloat16" if requested and torch.device(device).type == "cpu" and cpu_has_native_bf16() else None
-
-
-@_short_errors_in_bundle_cli
+@short_errors_in_bundle_cli
 def inference_items(source: str | os.PathLike, split: str = "test") -> list[dict]:
     """Items ``{"image", "image_path", "case_id"}`` to run inference on.
 

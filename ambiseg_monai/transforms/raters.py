@@ -1,4 +1,4 @@
-"""Multi-rater MONAI transforms: array transforms and their dictionary (``...d``) versions.
+"""Rater-stack transforms: the label strategies and rater padding, array and dictionary (``...d``) versions.
 
 Shapes: a rater stack is R x H x W (one binary mask per rater, R may vary between items);
 a training target is 1 x H x W. Random transforms subclass ``RandomizableTransform`` so
@@ -24,12 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform, RandomizableTransform, Transform
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 
 __all__ = [
-    "LoadImage2D",
-    "LoadImage2Dd",
     "SelectRandomRater",
     "SelectRandomRaterd",
     "SelectRater",
@@ -39,13 +36,8 @@ __all__ = [
     "ConsensusLevel",
     "RandomConsensusLevel",
     "RandomConsensusLeveld",
-    "MaskToSymmetric",
-    "MaskToSymmetricd",
-    "SymmetricToMask",
-    "SymmetricToMaskd",
     "PadRaters",
     "PadRatersd",
-    "LoadTruthd",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -64,128 +56,6 @@ def _real_rater_indices(num_channels: int, rater_mask: ArrayLike | None) -> np.n
     if indices.size == 0:
         raise ValueError("rater_mask marks no rater as present")
     return indices
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------------
-class LoadImage2D(Transform):
-    """Load a contract file (image or rater stack) as a C x H x W ``MetaTensor``.
-
-    Wraps MONAI's ``LoadImage(ensure_channel_first=True)`` and removes the singleton third
-    spatial axis of the contract's (H, W, 1, C) NIfTI layout (see :mod:`ambiseg_monai.data.nifti`).
-
-    Args:
-        dtype: output dtype (``np.float32`` for images and masks, so transforms can mix them).
-    """
-
-    def __init__(self, dtype: Any = np.float32) -> None:
-        self.loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=dtype)
-
-    def __call__(self, filename: str) -> MetaTensor:
-        try:
-            image = self.loader(filename)
-        except Exception as error:
-            raise ValueError(f"{filename}: cannot load image ({error})") from error
-        while image.ndim > 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim != 3:
-            raise ValueError(f"{filename}: expected a 2D image (C x H x W after loading), got {tuple(image.shape)}")
-        return image
-
-
-class LoadImage2Dd(MapTransform):
-    """Dictionary version of :class:`LoadImage2D` (default keys: ``image`` and ``label``)."""
-
-    def __init__(
-        self, keys: KeysCollection = ("image", "label"), dtype: Any = np.float32, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImage2D(dtype=dtype)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
-        return d
-
-
-class LoadTruthd(MapTransform):
-    """Load a known true rater distribution (the demo's ``truth`` entry) as padded tensors for a batch.
-
-    A datalist item may carry ``truth = {"masks": <K x H x W file>, "probabilities": [K], ...}`` (the
-    demo dataset does, see docs/demo_dataset.md). This writes, padded to fixed sizes so that items
-    collate:
-
-    - ``truth_modes``: ``max_modes`` x H x W float32 candidate masks (zeros when padded);
-    - ``truth_probabilities``: (``max_modes``,) float64, 0 on padding; ``truth_mode_mask`` bool;
-    - when the truth lists ``lobe_probabilities``: ``truth_regions`` (``max_regions`` x H x W, each
-      lobe's pixels, see :func:`~ambiseg_monai.data.demo.lobe_regions`), ``truth_region_probabilities``
-      and ``truth_region_mask``; zero regions otherwise.
-
-    The raw entry is removed (its lists differ in length between items and would not collate). Items
-    without the key pass through when ``allow_missing_keys`` (real datasets have no truth).
-
-    Args:
-        keys: the item key of the truth entry (default ``truth``).
-        max_modes, max_regions: padded sizes (the demo has at most 5 modes and 2 lobes).
-        prefix: prefix of the written keys.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "truth",
-        max_modes: int = 8,
-        max_regions: int = 4,
-        prefix: str = "truth_",
-        allow_missing_keys: bool = True,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.max_modes = int(max_modes)
-        self.max_regions = int(max_regions)
-        self.prefix = prefix
-        self.loader = LoadImage2D(dtype=np.float32)
-
-    def _pad(self, stack: np.ndarray, size: int, what: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if stack.shape[0] > size:
-            raise ValueError(f"{source}: the truth has {stack.shape[0]} {what}; raise max_{what} above {size}.")
-        padded = np.zeros((size, *stack.shape[1:]), dtype=np.float32)
-        padded[: stack.shape[0]] = stack
-        present = torch.zeros(size, dtype=torch.bool)
-        present[: stack.shape[0]] = True
-        return torch.as_tensor(padded), present
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ambiseg_monai.data.demo import lobe_regions  # the demo's naming of modes defines the lobes
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            truth = d[key]
-            if not isinstance(truth, Mapping) or "masks" not in truth or "probabilities" not in truth:
-                raise ValueError(f"'{key}' must be a dict with 'masks' and 'probabilities' (see docs/demo_dataset.md).")
-            source = str(truth["masks"])
-            modes = np.asarray(self.loader(source)) > 0
-            probabilities = np.asarray(truth["probabilities"], dtype=np.float64)
-            if probabilities.shape != (modes.shape[0],):
-                raise ValueError(f"{source}: {modes.shape[0]} masks but {probabilities.size} probabilities.")
-            d[f"{self.prefix}modes"], d[f"{self.prefix}mode_mask"] = self._pad(modes, self.max_modes, "modes", source)
-            p = torch.zeros(self.max_modes, dtype=torch.float64)
-            p[: probabilities.size] = torch.as_tensor(probabilities)
-            d[f"{self.prefix}probabilities"] = p
-            lobes = list(truth.get("lobe_probabilities") or [])
-            regions = (
-                lobe_regions(modes, list(truth.get("modes", [])), len(lobes))
-                if lobes
-                else np.zeros((0, *modes.shape[1:]), dtype=bool)
-            )
-            d[f"{self.prefix}regions"], d[f"{self.prefix}region_mask"] = self._pad(
-                regions, self.max_regions, "regions", source
-            )
-            q = torch.zeros(self.max_regions, dtype=torch.float64)
-            q[: len(lobes)] = torch.as_tensor(lobes, dtype=torch.float64)
-            d[f"{self.prefix}region_probabilities"] = q
-            del d[key]
-        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,24 +149,6 @@ class RandomConsensusLevel(RandomizableTransform):
         if randomize:
             self.randomize(num_raters)
         return self.consensus(raters, self.last_level)
-
-
-class MaskToSymmetric(Transform):
-    """Scale a mask from [0, 1] to [-1, 1] (``2 x - 1``): the space masks are diffused in."""
-
-    def __call__(self, mask: ArrayLike) -> ArrayLike:
-        return mask * 2.0 - 1.0
-
-
-class SymmetricToMask(Transform):
-    """Binarise a [-1, 1] sample back to a {0, 1} mask with ``x > threshold`` (default 0)."""
-
-    def __init__(self, threshold: float = 0.0) -> None:
-        self.threshold = threshold
-
-    def __call__(self, sample: ArrayLike) -> ArrayLike:
-        binary = sample > self.threshold
-        return binary.astype(np.float32) if isinstance(binary, np.ndarray) else binary.float()
 
 
 class PadRaters(Transform):
@@ -462,34 +314,6 @@ class RandomConsensusLeveld(_LabelStrategyd, RandomizableTransform):
             self.randomize(raters.shape[0] if num_raters is None else int(num_raters))
             d[self.output_key] = self.consensus(raters, self.last_level)
             d[self.level_key] = self.last_level - 1
-        return d
-
-
-class MaskToSymmetricd(MapTransform):
-    """Dictionary version of :class:`MaskToSymmetric` (default key ``target``)."""
-
-    def __init__(self, keys: KeysCollection = "target", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.scale = MaskToSymmetric()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.scale(d[key])
-        return d
-
-
-class SymmetricToMaskd(MapTransform):
-    """Dictionary version of :class:`SymmetricToMask` (default key ``pred``)."""
-
-    def __init__(self, keys: KeysCollection = "pred", threshold: float = 0.0, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.binarise = SymmetricToMask(threshold)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.binarise(d[key])
         return d
 
 

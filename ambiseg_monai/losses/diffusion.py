@@ -1,6 +1,6 @@
 """Diffusion training losses: the Improved-DDPM variational term and the weighted sum of the loss terms.
 
-The training inferer (:class:`~ambiseg_monai.engines.DiffusionTrainingInferer`) returns (B,) loss terms
+The training inferer (:class:`~ambiseg_monai.inferers.DiffusionTrainingInferer`) returns (B,) loss terms
 (``l_simple``, ``l_vlb`` with a learned variance, the network's auxiliary terms such as CIMD's
 ``l_amb``); :class:`DiffusionLoss` weights and sums them. :class:`HybridDiffusionLoss` is Improved
 DDPM's ``L_hybrid = L_simple + λ L_vlb (+ β L_amb for CIMD)``. The VLB term trains only the variance:
@@ -40,7 +40,7 @@ def vlb_term(
 
     Args:
         scheduler: a :class:`~ambiseg_monai.diffusion.protocols.LearnedVarianceScheduler` such as
-            :class:`~ambiseg_monai.diffusion.schedulers.RespacedDDPMScheduler` (provides ``train_chain``,
+            :class:`~ambiseg_monai.schedulers.respaced.RespacedDDPMScheduler` (provides ``train_chain``,
             ``parameterization`` and ``model_log_variance``).
         mean_output: the model's mean-part output (ε, x0 or v), B x C x H x W. Detach it to train
             only the variance with this term (the hybrid loss does).
@@ -70,7 +70,7 @@ def vlb_term(
 class DiffusionLoss(torch.nn.Module):
     """Weighted sum of the per-sample loss terms produced by the diffusion training inferer.
 
-    The training inferer (:class:`ambiseg_monai.engines.DiffusionTrainingInferer`) returns a dict
+    The training inferer (:class:`ambiseg_monai.inferers.DiffusionTrainingInferer`) returns a dict
     with (B,) tensors ``l_simple``, ``l_vlb`` (present with a learned variance) and any auxiliary
     terms of the network (``l_amb`` for CIMD). This module returns ``Σ_k w_k term_k`` per sample (B,);
     the trainer averages it. With no ``term_weights`` it is ``l_simple`` alone (AmbDiffSeg).
