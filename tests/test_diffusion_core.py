@@ -80,8 +80,6 @@ def test_training_inferer_names_what_a_scheduler_lacks():
         DiffusionTrainingInferer(object())
     assert "sample_timesteps" in missing_members(object(), TrainingScheduler)
     assert missing_members(_discrete(), LearnedVarianceScheduler) == []
-    with pytest.raises(TypeError, match="continuous-time scheduler"):
-        DiffusionTrainingInferer(_discrete(), weighting=LossWeighting())
 
 
 def test_parameterization_predict_x0_is_predict_first_output():
@@ -116,6 +114,30 @@ def test_continuous_time_training_with_weighting_and_stratified_times(scheduler_
     assert sorted(strata.tolist()) == list(range(len(strata)))
     assert torch.equal(DiffusionLoss()(terms), terms["l_simple"])
     assert torch.equal(HybridDiffusionLoss(vlb_weight=0.0)(terms), terms["l_simple"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_discrete_weighting_is_a_function_of_the_log_snr(prediction_type):
+    """w(t) works with the discrete scheduler, through λ = log(ᾱ_t / (1 - ᾱ_t)): the x-space loss weighted
+    by SNR is ε's own MSE (x̂_0 - x_0 = -(σ/α)(ε̂ - ε)), and by SNR + 1 it is v's (v̂ - v = -(x̂_0 - x_0)/α)."""
+    scheduler = _discrete(prediction_type=prediction_type)
+    image, target = _batch()
+    own = "snr" if prediction_type == "epsilon" else "snr_plus_one"
+    terms = {}
+    for weighting in (None, LossWeighting(own), LossWeighting("uniform")):
+        torch.manual_seed(5)
+        terms[weighting and weighting.weighting] = DiffusionTrainingInferer(scheduler, weighting=weighting)(
+            image, _Linear(out_channels=2), target=target
+        )
+    abar = scheduler.alphas_cumprod[terms[own]["timesteps"]].double()
+    torch.testing.assert_close(terms[own]["loss_weights"].double(), abar / (1 - abar) + (own == "snr_plus_one"))
+    torch.testing.assert_close(terms[own]["l_simple"], terms[None]["l_simple"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["uniform"]["loss_weights"], torch.ones(4))
+    assert not torch.allclose(terms["uniform"]["l_simple"], terms[None]["l_simple"])
+    with pytest.raises(TypeError, match="continuous-time schedule"):
+        DiffusionTrainingInferer(scheduler, weighting=LossWeighting(times_neg_dlogsnr_dt=True))(
+            image, _Linear(out_channels=2), target=target
+        )
 
 
 @pytest.mark.parametrize("prediction_type", ["x", "v", "eps"])

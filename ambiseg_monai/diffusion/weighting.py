@@ -82,8 +82,22 @@ class LossWeighting:
         self.times_neg_dlogsnr_dt = bool(times_neg_dlogsnr_dt)
 
     def __call__(self, t: torch.Tensor, schedule) -> torch.Tensor:
-        """Weights at times ``t`` ((B,) in [0, 1]) for ``schedule`` (a ContinuousVPSchedule); float64."""
-        weights = loss_weight(schedule.logsnr(t), self.weighting, self.sigmoid_bias)
+        """(B,) weights at the times ``t`` of ``schedule``.
+
+        ``schedule`` is a continuous-time schedule (a ContinuousVPSchedule, with ``logsnr``; ``t`` in
+        [0, 1]) or any training scheduler of the protocol (with ``signal_variance``, e.g. the discrete
+        RespacedDDPMScheduler with integer ``t``), whose λ is ``log(α² / (1 - α²))``.
+        """
+        if hasattr(schedule, "logsnr"):
+            logsnr = schedule.logsnr(t)
+        else:
+            if self.times_neg_dlogsnr_dt:
+                raise TypeError(
+                    f"times_neg_dlogsnr_dt needs a continuous-time schedule; {type(schedule).__name__} has no logsnr."
+                )
+            gamma = torch.as_tensor(schedule.signal_variance(t)).double()
+            logsnr = torch.log(gamma) - torch.log1p(-gamma)
+        weights = loss_weight(logsnr, self.weighting, self.sigmoid_bias)
         if self.times_neg_dlogsnr_dt:
             weights = weights * -schedule.dlogsnr_dt(t)
         return weights

@@ -77,7 +77,8 @@ class DiffusionTrainingInferer(Inferer):
       CIMD, consensus diffusion);
     - a :class:`~ambiseg_monai.diffusion.weighting.LossWeighting` w(t): the x-space loss
       ``w(t) · mean over pixels of (x̂_0 - x_0)²`` (AmbDiffSeg, eq. 8), x̂_0 converted from the network
-      output whatever it predicts. Needs a continuous-time scheduler (w is a function of its log-SNR).
+      output whatever it predicts; w is a function of the log-SNR, so it works with discrete and
+      continuous-time schedulers alike.
 
     Args:
         scheduler: the training scheduler, following
@@ -126,12 +127,8 @@ class DiffusionTrainingInferer(Inferer):
                 f"{missing_members(scheduler, TrainingScheduler)}."
             )
         # w(t) is a function of the log-SNR of a continuous-time scheduler's schedule
-        self._weighting_schedule = getattr(scheduler, "schedule", None) if weighting is not None else None
-        if weighting is not None and self._weighting_schedule is None:
-            raise TypeError(
-                "a loss weighting w(t) needs a continuous-time scheduler (with a log-SNR `schedule`), "
-                f"got {type(scheduler).__name__}; use weighting=None with discrete schedulers."
-            )
+        # w is a function of log-SNR: a continuous-time scheduler's schedule, or the scheduler's ᾱ_t
+        self._weighting_schedule = getattr(scheduler, "schedule", scheduler)
         self.scheduler = scheduler
         self.compute_vlb = compute_vlb
         self.autocast_dtype = autocast_dtype_from_name(autocast_dtype)
