@@ -106,3 +106,42 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
                                "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert scored[-1]["method"] == "prob_unet" and scored[-1]["checkpoint"] == str(tmp_path / "model.pt")
+
+
+def test_oracle_in_band_replaces_the_network_only_inside_the_band():
+    from benchmarks.denoiser_vs_oracle import OracleInBand
+
+    from ambiseg_monai.diffusion import MixtureOracleDenoiser
+    from ambiseg_monai.networks.denoisers import ConditionalDenoiser
+    from ambiseg_monai.schedulers import RespacedDDPMScheduler
+
+    class Constant(ConditionalDenoiser):
+        def encode_condition(self, image):
+            return image
+
+        def denoise(self, x_t, timesteps, cond, class_labels=None):
+            return torch.full((len(x_t), 2, *x_t.shape[2:]), 7.0)  # [ε, learned-range v]
+
+    scheduler = RespacedDDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+    modes = torch.tensor([[[[0.0, 1.0]]], [[[1.0, 1.0]]]])  # K x C x H x W
+    oracle = MixtureOracleDenoiser.for_scheduler(scheduler, modes, torch.tensor([0.25, 0.75]))
+    x_t, timesteps = torch.randn(3, 1, 1, 2), torch.tensor([100, 500, 900])
+    out = OracleInBand(Constant(), oracle, 400, 700).denoise(x_t, timesteps, None)
+    assert torch.equal(out[[0, 2]], torch.full((2, 2, 1, 2), 7.0)) and torch.equal(out[1, 1], torch.full((1, 2), 7.0))
+    torch.testing.assert_close(out[1:2, :1], oracle.denoise(x_t[1:2], timesteps[1:2], None))
+
+
+def test_denoiser_vs_oracle_scores_a_saved_cimd_model(tmp_path, small_demo_dataset):
+    from benchmarks import denoiser_vs_oracle
+
+    parser = ConfigParser()
+    parser.read_config("bundles/cimd/configs/train.json")
+    parser["device"] = "$torch.device('cpu')"
+    torch.save({"ema": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    results = denoiser_vs_oracle.main(["--checkpoint", str(tmp_path / "model.pt"), "--dataset-dir", small_demo_dataset,
+                                       "--images", "2", "--samples", "4", "--draws", "8", "--threads", "1",
+                                       "--calibration-times", "500", "900", "--bands", "0-1000"])  # fmt: skip
+    assert [row["t"] for row in results["calibration"]] == [500, 900]
+    assert all(0.0 <= row["mean_abs_dq"] <= 1.0 for row in results["calibration"])
+    assert [row["oracle_band"] for row in results["bands"]] == ["none", "[0, 1000)"]
+    assert all(0.0 <= row["lobe_error"] <= 1.0 for row in results["bands"])
