@@ -41,23 +41,7 @@ from PIL import Image
 from ambiseg_monai.data.datalist import SPLITS, DatasetWriter, split_patients
 from ambiseg_monai.data.nifti import is_nifti_path
 
-from .common import (
-    ImportJob,
-    ImportSummary,
-    InputError,
-    Sample,
-    add_output_arguments,
-    add_size_argument,
-    add_split_arguments,
-    check_binary_mask,
-    check_finite,
-    image_size,
-    normalise_minmax,
-    open_dataset,
-    resize_image,
-    resize_masks,
-    run_import,
-)
+from . import common
 
 __all__ = ["FolderRow", "read_csv", "read_image_file", "convert_row", "prepare_folder", "configure_parser", "main"]
 
@@ -88,10 +72,10 @@ class FolderRow:
 
 
 def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """A 2D image file as a C x H x W array in its stored dtype; :class:`InputError` names the file."""
+    """A 2D image file as a C x H x W array in its stored dtype; :class:`common.InputError` names the file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise common.InputError(f"{path}: file not found")
     try:
         if is_nifti_path(path):
             array = np.squeeze(np.asarray(nib.load(os.fspath(path)).dataobj))
@@ -105,12 +89,12 @@ def read_image_file(path: str | os.PathLike) -> np.ndarray:
                     image = image.convert("RGB" if image.mode in ("RGBA", "P", "PA") else "L")
                 array = np.asarray(image)
             array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    except InputError:
+    except common.InputError:
         raise
     except Exception as error:  # PIL and nibabel raise many types for corrupt files
-        raise InputError(f"{path}: cannot read image ({error})") from error
+        raise common.InputError(f"{path}: cannot read image ({error})") from error
     if array.ndim != 3:
-        raise InputError(f"{path}: expected a 2D image, got shape {array.shape}")
+        raise common.InputError(f"{path}: expected a 2D image, got shape {array.shape}")
     return array
 
 
@@ -119,11 +103,11 @@ def _normalise(image: np.ndarray, how: str) -> np.ndarray:
         return image.astype(np.float32)
     if how == "auto" and image.dtype in (np.uint8, np.uint16):
         return (image.astype(np.float32) / np.iinfo(image.dtype).max).astype(np.float32)
-    return np.stack([normalise_minmax(channel) for channel in image.astype(np.float32)])
+    return np.stack([common.normalise_minmax(channel) for channel in image.astype(np.float32)])
 
 
-def convert_row(row: FolderRow) -> Sample:
-    """Read one row's image and masks; :class:`InputError` names the CSV line and the file."""
+def convert_row(row: FolderRow) -> common.Sample:
+    """Read one row's image and masks; :class:`common.InputError` names the CSV line and the file."""
     where = f"{row.csv_path} line {row.line}"
     try:
         image = read_image_file(row.image)
@@ -134,15 +118,17 @@ def convert_row(row: FolderRow) -> Sample:
                 continue
             mask = read_image_file(path)
             if mask.shape[1:] != image.shape[1:]:
-                raise InputError(f"{path}: mask is {mask.shape[1:]}, image {Path(row.image).name} is {image.shape[1:]}")
-            masks.append(check_binary_mask(mask, os.fspath(path)).max(axis=0))  # an RGB mask: any channel set
-        check_finite(image, row.image)
-    except InputError as error:
-        raise InputError(f"{where}: {error}") from None
+                raise common.InputError(
+                    f"{path}: mask is {mask.shape[1:]}, image {Path(row.image).name} is {image.shape[1:]}"
+                )
+            masks.append(common.check_binary_mask(mask, os.fspath(path)).max(axis=0))  # an RGB mask: any channel set
+        common.check_finite(image, row.image)
+    except common.InputError as error:
+        raise common.InputError(f"{where}: {error}") from None
     image, label = _normalise(image, row.normalisation), np.stack(masks)
     if row.size is not None:
-        image, label = resize_image(image, row.size), resize_masks(label, row.size)
-    return Sample(
+        image, label = common.resize_image(image, row.size), common.resize_masks(label, row.size)
+    return common.Sample(
         row.case_id,
         row.patient_id,
         image,
@@ -168,32 +154,32 @@ def read_csv(
             # that is too short would otherwise read as "this rater marked nothing"
             cells = len(columns) + len(raw.get(None) or []) - sum(value is None for value in raw.values())
             if cells != len(columns):
-                raise InputError(
+                raise common.InputError(
                     f"{csv_path} line {reader.line_num}: {cells} cells, but the header has {len(columns)} columns "
                     f"({', '.join(columns)}); fix the row (an empty mask cell still needs its comma)"
                 )
             rows.append((reader.line_num, raw))
     if "image" not in columns:
-        raise InputError(f"{csv_path}: no 'image' column (columns: {', '.join(columns) or 'none'})")
+        raise common.InputError(f"{csv_path}: no 'image' column (columns: {', '.join(columns) or 'none'})")
     mask_columns = [c for c in reader.fieldnames or [] if c.strip().lower().startswith("mask")]
     if not mask_columns:
-        raise InputError(f"{csv_path}: no mask column (one column per rater, named mask_1, mask_2, ...)")
+        raise common.InputError(f"{csv_path}: no mask column (one column per rater, named mask_1, mask_2, ...)")
     if not rows:
-        raise InputError(f"{csv_path}: no rows")
+        raise common.InputError(f"{csv_path}: no rows")
     base = csv_path.parent
     resolved: list[FolderRow] = []
     seen: dict[str, int] = {}
     for line, raw in rows:
         row = {key.strip(): (value or "").strip() for key, value in raw.items() if key is not None}
         if not row["image"]:
-            raise InputError(f"{csv_path} line {line}: empty 'image' cell")
+            raise common.InputError(f"{csv_path} line {line}: empty 'image' cell")
         case_id = re.sub(r"[^A-Za-z0-9_.-]", "_", row.get("case_id") or Path(row["image"]).name.split(".")[0])
         if case_id in seen:
-            raise InputError(f"{csv_path} line {line}: case id '{case_id}' already used on line {seen[case_id]}")
+            raise common.InputError(f"{csv_path} line {line}: case id '{case_id}' already used on line {seen[case_id]}")
         seen[case_id] = line
         split_name = row.get("split", "").lower()
         if split_name and split_name not in SPLIT_NAMES:
-            raise InputError(f"{csv_path} line {line}: unknown split '{row['split']}' (use {', '.join(SPLITS)})")
+            raise common.InputError(f"{csv_path} line {line}: unknown split '{row['split']}' (use {', '.join(SPLITS)})")
         masks = tuple(os.fspath(base / raw[c].strip()) if (raw[c] or "").strip() else None for c in mask_columns)
         resolved.append(
             FolderRow(
@@ -217,9 +203,9 @@ def _first_readable_channels(rows: list[FolderRow]) -> int:
     for row in rows:
         try:
             return read_image_file(row.image).shape[0]
-        except InputError as error:
+        except common.InputError as error:
             first_error = first_error or error
-    raise InputError(f"{rows[0].csv_path}: no image could be read ({first_error})")
+    raise common.InputError(f"{rows[0].csv_path}: no image could be read ({first_error})")
 
 
 def prepare_folder(
@@ -234,11 +220,11 @@ def prepare_folder(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> ImportSummary:
+) -> common.ImportSummary:
     """Convert the CSV-described folder into a dataset at ``out``; returns the summary."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"--normalisation must be one of {NORMALISATIONS}, got '{normalisation}'")
-    rows = read_csv(csv_path, normalisation, image_size(size))
+    rows = read_csv(csv_path, normalisation, common.image_size(size))
     num_raters = len(rows[0].masks)
     name = name or Path(csv_path).stem
     options = {
@@ -248,12 +234,12 @@ def prepare_folder(
         "split_fractions": list(split_fractions),
         "seed": seed,
     }
-    summary = ImportSummary(name, options)
+    summary = common.ImportSummary(name, options)
     # rows with a split keep it; the other rows' patients are drawn (patients already placed keep their split)
     fixed = {row.patient_id: row.split for row in rows if row.split}
     for row in rows:
         if row.split and fixed[row.patient_id] != row.split:
-            raise InputError(f"{row.csv_path} line {row.line}: patient '{row.patient_id}' is in two splits")
+            raise common.InputError(f"{row.csv_path} line {row.line}: patient '{row.patient_id}' is in two splits")
     drawn = (
         split_patients([r.patient_id for r in rows if r.patient_id not in fixed], split_fractions, seed)
         if any(r.patient_id not in fixed for r in rows)
@@ -262,17 +248,17 @@ def prepare_folder(
     split_of = {**drawn, **fixed}
     DatasetWriter(out, name, modality, 1, 1, overwrite=overwrite).check_destination()  # before reading images
     channels = _first_readable_channels(rows)
-    writer = open_dataset(out, name, modality, num_raters, channels, overwrite, "folder + CSV", options)
-    job = ImportJob(writer, summary, csv_path, strict, progress)
+    writer = common.open_dataset(out, name, modality, num_raters, channels, overwrite, "folder + CSV", options)
+    job = common.ImportJob(writer, summary, csv_path, strict, progress)
 
-    def record(sample: Sample) -> None:
+    def record(sample: common.Sample) -> None:
         if sample.image.shape[0] != channels:
             message = (
                 f"{csv_path}: {sample.metadata['source_image']} has {sample.image.shape[0]} channels, "
                 f"the first readable image has {channels}"
             )
             if strict:
-                raise InputError(message)
+                raise common.InputError(message)
             summary.skipped.append({"source": sample.metadata["source_image"], "reason": message})
             return
         job.write([sample], split_of)
@@ -290,11 +276,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--normalisation", choices=NORMALISATIONS, default="auto", help="intensity scaling (default auto)"
     )
-    add_size_argument(parser)
-    add_split_arguments(parser)
-    add_output_arguments(parser)
+    common.add_size_argument(parser)
+    common.add_split_arguments(parser)
+    common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare folder``."""
-    return run_import(prepare_folder, args, csv_path=args.csv)
+    return common.run_import(prepare_folder, args, csv_path=args.csv)

@@ -44,17 +44,7 @@ from tqdm import tqdm
 
 from ambiseg_monai.data.datalist import split_patients
 
-from .common import (
-    ImportJob,
-    ImportSummary,
-    InputError,
-    Sample,
-    add_output_arguments,
-    add_split_arguments,
-    add_worker_arguments,
-    open_dataset,
-    run_import,
-)
+from . import common
 from .contours import rasterise_contours
 from .dicom_series import CTSeries, DicomSeriesError, read_header, read_series
 from .lidc_xml import LidcXmlError, NoduleMark, ReadingSession, parse_lidc_xml, read_xml_header
@@ -116,7 +106,7 @@ class ScanTask:
 class ScanResult:
     """A converted scan: its samples (split not yet assigned), warnings and counters."""
 
-    samples: list[Sample]
+    samples: list[common.Sample]
     warnings: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
@@ -270,7 +260,7 @@ def process_scan(task: ScanTask) -> ScanResult:
                 continue
             hu = map_coordinates(series.read_hu(k), grid, order=1, mode="constant", cval=AIR_HU)
             result.samples.append(
-                Sample(
+                common.Sample(
                     case_id=f"{task.case_prefix}_n{nodule_number:02d}_k{k:03d}",
                     patient_id=task.patient_id,
                     image=np.clip((hu - low) / (high - low), 0.0, 1.0).astype(np.float32)[None],
@@ -309,7 +299,7 @@ def discover_scans(
     source: str | os.PathLike,
     options: LidcOptions,
     xml_dirs: tuple[str | os.PathLike, ...] = (),
-    summary: ImportSummary | None = None,
+    summary: common.ImportSummary | None = None,
     strict: bool = False,
     progress: bool = False,
 ) -> list[ScanTask]:
@@ -325,7 +315,7 @@ def discover_scans(
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: LIDC source folder not found")
-    summary = summary if summary is not None else ImportSummary("lidc")
+    summary = summary if summary is not None else common.ImportSummary("lidc")
 
     dicom_dirs: dict[Path, list[Path]] = {}
     xml_files: list[Path] = []
@@ -415,7 +405,7 @@ def prepare_lidc(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> ImportSummary:
+) -> common.ImportSummary:
     """Convert a TCIA LIDC-IDRI download into a dataset at ``out``; returns the summary.
 
     Raises:
@@ -441,15 +431,15 @@ def prepare_lidc(
         "split_fractions": list(split_fractions),
         "seed": seed,
     }
-    summary = ImportSummary("lidc", summary_options)
+    summary = common.ImportSummary("lidc", summary_options)
     # the destination is checked before the (long) walk over the source
-    writer = open_dataset(
+    writer = common.open_dataset(
         out, "lidc", "CT", options.num_readers, 1, overwrite, "LIDC-IDRI (TCIA DICOM + XML)", summary_options
     )
-    job = ImportJob(writer, summary, source, strict, progress, workers)
+    job = common.ImportJob(writer, summary, source, strict, progress, workers)
     tasks = discover_scans(source, options, tuple(xml_dirs), summary, strict, progress)
     if not tasks:
-        raise InputError(f"{source}: no CT series with an LIDC annotation file (LidcReadMessage XML) found")
+        raise common.InputError(f"{source}: no CT series with an LIDC annotation file (LidcReadMessage XML) found")
     split_of = split_patients([t.patient_id for t in tasks], split_fractions, seed)
 
     def record(result: Any) -> None:  # a ScanResult whose samples the worker wrote (WrittenSample)
@@ -470,7 +460,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a folder with the XML annotation files, if they are not next to the DICOMs (repeatable)",
     )
-    add_output_arguments(parser)
+    common.add_output_arguments(parser)
     parser.add_argument("--crop-size", type=int, default=128, help="side of the square crop in pixels (default 128)")
     parser.add_argument(
         "--spacing", type=float, default=None, help="resample to this isotropic in-plane pixel spacing in mm"
@@ -499,8 +489,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="count the readers' outline pixels as nodule (default: only the pixels strictly inside the outline, "
         "as pylidc; the readers drew the outline just outside the nodule)",
     )
-    add_split_arguments(parser)
-    add_worker_arguments(parser)
+    common.add_split_arguments(parser)
+    common.add_worker_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -514,4 +504,4 @@ def main(args: argparse.Namespace) -> int:
         min_readers=args.min_readers,
         include_outline=args.include_outline,
     )
-    return run_import(prepare_lidc, args, options=options, xml_dirs=tuple(args.xml_dir))
+    return common.run_import(prepare_lidc, args, options=options, xml_dirs=tuple(args.xml_dir))

@@ -40,18 +40,7 @@ import numpy as np
 
 from ambiseg_monai.data.datalist import split_patients
 
-from .common import (
-    ImportJob,
-    ImportSummary,
-    InputError,
-    Sample,
-    add_output_arguments,
-    add_split_arguments,
-    check_binary_mask,
-    check_finite,
-    open_dataset,
-    run_import,
-)
+from . import common
 
 __all__ = ["load_pickle", "ambdiffseg_split", "convert_entry", "prepare_lidc_pickle", "configure_parser", "main"]
 
@@ -91,7 +80,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_pickle(path: str | os.PathLike) -> dict:
-    """Load the community pickle safely; :class:`InputError` names the file on any problem."""
+    """Load the community pickle safely; :class:`common.InputError` names the file on any problem."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LIDC pickle not found")
@@ -99,9 +88,9 @@ def load_pickle(path: str | os.PathLike) -> dict:
         with open(path, "rb") as handle:
             data = _NumpyOnlyUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as error:
-        raise InputError(f"{path}: not a readable LIDC pickle ({error})") from error
+        raise common.InputError(f"{path}: not a readable LIDC pickle ({error})") from error
     if not isinstance(data, dict) or not data:
-        raise InputError(f"{path}: expected a non-empty dict of key -> {{image, masks, series_uid}}")
+        raise common.InputError(f"{path}: expected a non-empty dict of key -> {{image, masks, series_uid}}")
     return data
 
 
@@ -120,30 +109,32 @@ def patient_of(key: str) -> str:
     return str(key).split("_")[0]
 
 
-def convert_entry(entry: tuple[str, str, dict]) -> Sample:
-    """One pickle entry ``(source, key, value)`` -> sample; :class:`InputError` names the key."""
+def convert_entry(entry: tuple[str, str, dict]) -> common.Sample:
+    """One pickle entry ``(source, key, value)`` -> sample; :class:`common.InputError` names the key."""
     source, key, value = entry
     where = f"{source} [{key}]"
     if not isinstance(value, dict) or "image" not in value or "masks" not in value:
-        raise InputError(f"{where}: expected a dict with 'image' and 'masks'")
+        raise common.InputError(f"{where}: expected a dict with 'image' and 'masks'")
     image = np.asarray(value["image"], dtype=np.float32)
     try:
         masks = np.asarray(value["masks"])
     except ValueError as error:  # ragged list of masks
-        raise InputError(f"{where}: masks must be R x H x W ({error})") from None
+        raise common.InputError(f"{where}: masks must be R x H x W ({error})") from None
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
     if image.ndim != 2:
-        raise InputError(f"{where}: image must be H x W, got shape {image.shape}")
+        raise common.InputError(f"{where}: image must be H x W, got shape {image.shape}")
     if masks.ndim != 3 or masks.shape[1:] != image.shape:
-        raise InputError(f"{where}: masks must be R x {image.shape[0]} x {image.shape[1]}, got shape {masks.shape}")
-    check_finite(image, where)
-    label = np.stack([check_binary_mask(mask, f"{where} mask {rater + 1}") for rater, mask in enumerate(masks)])
+        raise common.InputError(
+            f"{where}: masks must be R x {image.shape[0]} x {image.shape[1]}, got shape {masks.shape}"
+        )
+    common.check_finite(image, where)
+    label = np.stack([common.check_binary_mask(mask, f"{where} mask {rater + 1}") for rater, mask in enumerate(masks)])
     case_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(key))
     metadata = {"source_key": str(key)}
     if "series_uid" in value:
         metadata["series_uid"] = str(value["series_uid"])
-    return Sample(case_id, patient_of(key), image[None], label, metadata)
+    return common.Sample(case_id, patient_of(key), image[None], label, metadata)
 
 
 def prepare_lidc_pickle(
@@ -155,16 +146,18 @@ def prepare_lidc_pickle(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> ImportSummary:
+) -> common.ImportSummary:
     """Convert the pickle into a dataset at ``out``; returns the summary."""
     if split not in ("ambdiffseg", "seeded"):
         raise ValueError(f"--split must be 'ambdiffseg' or 'seeded', got '{split}'")
     options: dict[str, Any] = {"split": split, "normalisation": "as in the pickle ([0, 1]), unchanged"}
     if split == "seeded":
         options.update(split_fractions=list(split_fractions), seed=seed)
-    summary = ImportSummary("lidc-pickle", options)
-    writer = open_dataset(out, "lidc", "CT", 4, 1, overwrite, "community LIDC pickle (data_lidc.pickle)", options)
-    job = ImportJob(writer, summary, source, strict, progress)
+    summary = common.ImportSummary("lidc-pickle", options)
+    writer = common.open_dataset(
+        out, "lidc", "CT", 4, 1, overwrite, "community LIDC pickle (data_lidc.pickle)", options
+    )
+    job = common.ImportJob(writer, summary, source, strict, progress)
     data = load_pickle(source)
     patients = sorted({patient_of(key) for key in data})
     if split == "ambdiffseg":
@@ -177,7 +170,7 @@ def prepare_lidc_pickle(
         split_of = split_patients(patients, split_fractions, seed)
     entries = [(os.fspath(source), key, value) for key, value in data.items()]
 
-    def record(sample: Sample) -> None:
+    def record(sample: common.Sample) -> None:
         job.write([sample], split_of)
 
     return job.run(convert_entry, entries, lambda e: f"{e[0]} [{e[1]}]", record, desc="LIDC pickle")
@@ -192,10 +185,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default="ambdiffseg",
         help="patient split: the AmbDiffSeg id lists shipped with the package (default) or a seeded draw",
     )
-    add_split_arguments(parser)
-    add_output_arguments(parser)
+    common.add_split_arguments(parser)
+    common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare lidc-pickle``."""
-    return run_import(prepare_lidc_pickle, args)
+    return common.run_import(prepare_lidc_pickle, args)

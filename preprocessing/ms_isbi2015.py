@@ -38,24 +38,7 @@ import numpy as np
 
 from ambiseg_monai.data.datalist import split_patients
 
-from .common import (
-    ImportJob,
-    ImportSummary,
-    InputError,
-    Sample,
-    WrittenSample,
-    add_output_arguments,
-    add_size_argument,
-    add_split_arguments,
-    add_worker_arguments,
-    check_binary_mask,
-    check_finite,
-    normalise_minmax,
-    open_dataset,
-    resize_image,
-    resize_masks,
-    run_import,
-)
+from . import common
 
 __all__ = [
     "SEQUENCES",
@@ -92,17 +75,17 @@ def _find(folder: Path, stem: str) -> str:
     for suffix in (".nii", ".nii.gz"):
         if (folder / f"{stem}{suffix}").is_file():
             return os.fspath(folder / f"{stem}{suffix}")
-    raise InputError(f"{folder / (stem + '.nii')}: file not found")
+    raise common.InputError(f"{folder / (stem + '.nii')}: file not found")
 
 
-def find_timepoints(source: str | os.PathLike, options: dict) -> list[TimepointTask | InputError]:
+def find_timepoints(source: str | os.PathLike, options: dict) -> list[TimepointTask | common.InputError]:
     """Every ``trainingNN_TT`` under ``<source>/training`` (or ``source`` itself), as a task or, when
     one of its six files is missing, as the error naming that file."""
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: ISBI 2015 folder not found")
     root = source / "training" if (source / "training").is_dir() else source
-    found: list[TimepointTask | InputError] = []
+    found: list[TimepointTask | common.InputError] = []
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("training")):
         preprocessed, masks = subject_dir / "preprocessed", subject_dir / "masks"
         if not preprocessed.is_dir():
@@ -116,7 +99,7 @@ def find_timepoints(source: str | os.PathLike, options: dict) -> list[TimepointT
             try:
                 images = tuple(_find(preprocessed, f"{prefix}_{s}_pp") for s in SEQUENCES)
                 rater_masks = tuple(_find(masks, f"{prefix}_mask{r}") for r in RATERS)
-            except InputError as error:
+            except common.InputError as error:
                 found.append(error)
                 continue
             found.append(TimepointTask(subject, timepoint, images, rater_masks, **options))
@@ -131,17 +114,17 @@ def _load_ras(path: str, reference: tuple | None, what: str = "volume") -> tuple
         image = nib.as_closest_canonical(nib.load(path))
         data = np.asarray(image.dataobj) if what == "mask" else np.asarray(image.dataobj, dtype=np.float32)
     except FileNotFoundError as error:
-        raise InputError(f"{path}: file not found") from error
+        raise common.InputError(f"{path}: file not found") from error
     except Exception as error:
-        raise InputError(f"{path}: cannot read NIfTI file ({error})") from error
+        raise common.InputError(f"{path}: cannot read NIfTI file ({error})") from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3D volume, got shape {data.shape}")
+        raise common.InputError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if reference is not None and data.shape != reference:
-        raise InputError(f"{path}: volume is {data.shape}, the time point's FLAIR is {reference}")
+        raise common.InputError(f"{path}: volume is {data.shape}, the time point's FLAIR is {reference}")
     if what != "mask":
-        check_finite(data, path, what)
+        common.check_finite(data, path, what)
     return data, data.shape
 
 
@@ -158,14 +141,14 @@ def _pad_square(array: np.ndarray) -> np.ndarray:
     return np.pad(array, pad)
 
 
-def convert_timepoint(task: TimepointTask) -> list[Sample]:
+def convert_timepoint(task: TimepointTask) -> list[common.Sample]:
     """Load one time point's four sequences and two masks and cut it into axial samples."""
     flair, shape = _load_ras(task.images[0], None)
     volumes = [flair] + [_load_ras(path, shape)[0] for path in task.images[1:]]
-    masks = np.stack([check_binary_mask(_load_ras(path, shape, "mask")[0], path) for path in task.masks])
+    masks = np.stack([common.check_binary_mask(_load_ras(path, shape, "mask")[0], path) for path in task.masks])
     brain = np.any(np.stack(volumes) != 0, axis=0)
     channels = np.stack(
-        [np.where(brain, normalise_minmax(volume, *PERCENTILES, mask=brain), 0.0) for volume in volumes]
+        [np.where(brain, common.normalise_minmax(volume, *PERCENTILES, mask=brain), 0.0) for volume in volumes]
     ).astype(np.float32)
 
     has_brain = brain.any(axis=(0, 1))
@@ -185,11 +168,11 @@ def convert_timepoint(task: TimepointTask) -> list[Sample]:
         if task.keep_aspect:
             image, label = _pad_square(image), _pad_square(label)
         samples.append(
-            Sample(
+            common.Sample(
                 case_id=f"{task.subject}_{task.timepoint:02d}_z{k:03d}",
                 patient_id=task.subject,
-                image=resize_image(image, task.size),
-                label=resize_masks(label, task.size),
+                image=common.resize_image(image, task.size),
+                label=common.resize_masks(label, task.size),
                 metadata={"timepoint": task.timepoint, "slice_index": int(k), "lesion": bool(has_lesion[k])},
             )
         )
@@ -211,7 +194,7 @@ def prepare_ms_isbi2015(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> ImportSummary:
+) -> common.ImportSummary:
     """Convert the ISBI 2015 training data into a dataset at ``out``; returns the summary."""
     if not 0.0 <= empty_fraction <= 1.0:
         raise ValueError(f"--empty-fraction must be in [0, 1], got {empty_fraction}")
@@ -227,8 +210,8 @@ def prepare_ms_isbi2015(
         "split_fractions": list(split_fractions),
         "seed": seed,
     }
-    summary = ImportSummary("ms-isbi2015", options)
-    writer = open_dataset(
+    summary = common.ImportSummary("ms-isbi2015", options)
+    writer = common.open_dataset(
         out,
         "ms_isbi2015",
         "MR",
@@ -249,7 +232,7 @@ def prepare_ms_isbi2015(
         },
     )
     tasks = [t for t in found if isinstance(t, TimepointTask)]
-    for error in (e for e in found if isinstance(e, InputError)):
+    for error in (e for e in found if isinstance(e, common.InputError)):
         summary.skip_input(str(error), strict)
     subjects = sorted({t.subject for t in tasks})
     unknown = sorted((set(test_subjects) | set(validation_subjects)) - set(subjects))
@@ -259,11 +242,11 @@ def prepare_ms_isbi2015(
     rest = [s for s in subjects if s not in fixed]
     split_of = {**(split_patients(rest, split_fractions, seed) if rest else {}), **fixed}
 
-    def record(samples: list[WrittenSample]) -> None:
+    def record(samples: list[common.WrittenSample]) -> None:
         job.register(samples, split_of)
         summary.count("timepoints_converted")
 
-    job = ImportJob(writer, summary, source, strict, progress, workers)
+    job = common.ImportJob(writer, summary, source, strict, progress, workers)
     return job.run(
         convert_timepoint, tasks, lambda t: t.images[0], record, desc="ISBI 2015 time points", write_in_worker=True
     )
@@ -272,7 +255,7 @@ def prepare_ms_isbi2015(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ambiseg prepare ms-isbi2015``."""
     parser.add_argument("--source", required=True, help="the ISBI 2015 folder (holding training/trainingNN/...)")
-    add_size_argument(parser, (64, 64), "slice size (default 64 64)")
+    common.add_size_argument(parser, (64, 64), "slice size (default 64 64)")
     parser.add_argument("--keep-aspect", action="store_true", help="zero-pad slices to a square before resizing")
     parser.add_argument("--lesion-slices-only", action="store_true", help="keep only slices with a rater's lesion")
     parser.add_argument(
@@ -283,11 +266,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--test-subjects", nargs="*", default=[], help="subjects for the test split (e.g. training05)")
     parser.add_argument("--validation-subjects", nargs="*", default=[], help="subjects for the validation split")
-    add_split_arguments(parser)
-    add_worker_arguments(parser)
-    add_output_arguments(parser)
+    common.add_split_arguments(parser)
+    common.add_worker_arguments(parser)
+    common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare ms-isbi2015``."""
-    return run_import(prepare_ms_isbi2015, args)
+    return common.run_import(prepare_ms_isbi2015, args)

@@ -34,22 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .common import (
-    ImportJob,
-    ImportSummary,
-    InputError,
-    Sample,
-    add_output_arguments,
-    add_size_argument,
-    check_binary_mask,
-    check_finite,
-    image_size,
-    normalise_minmax,
-    open_dataset,
-    resize_image,
-    resize_masks,
-    run_import,
-)
+from . import common
 
 __all__ = [
     "QUBIQ_TASKS",
@@ -103,7 +88,7 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise
     except Exception as error:  # nibabel raises several types for corrupt files
-        raise InputError(f"{path}: cannot read NIfTI file ({error})") from error
+        raise common.InputError(f"{path}: cannot read NIfTI file ({error})") from error
 
 
 def _image_channels_first(array: np.ndarray, path: Path) -> np.ndarray:
@@ -115,10 +100,10 @@ def _image_channels_first(array: np.ndarray, path: Path) -> np.ndarray:
         channel_axis = int(np.argmin(array.shape))
         if array.shape[channel_axis] <= 8:
             return np.moveaxis(array, channel_axis, 0)
-    raise InputError(f"{path}: expected a 2D image (optionally with channels), got shape {array.shape}")
+    raise common.InputError(f"{path}: expected a 2D image (optionally with channels), got shape {array.shape}")
 
 
-def convert_case(task: CaseTask) -> Sample:
+def convert_case(task: CaseTask) -> common.Sample:
     """Read one case folder and return its sample.
 
     Raises:
@@ -128,7 +113,7 @@ def convert_case(task: CaseTask) -> Sample:
     folder = Path(task.folder)
     image_path = next((folder / name for name in ("image.nii.gz", "image.nii") if (folder / name).is_file()), None)
     if image_path is None:
-        raise InputError(f"{folder}: no image.nii.gz")
+        raise common.InputError(f"{folder}: no image.nii.gz")
     affine: np.ndarray | None
     raw, affine = _load(image_path)
     image = _image_channels_first(raw, image_path).astype(np.float32)
@@ -136,7 +121,7 @@ def convert_case(task: CaseTask) -> Sample:
         affine = None  # the source's first two axes are not the image's rows and columns
     expected = QUBIQ_TASKS[task.task]
     if image.shape[0] != expected.channels:
-        raise InputError(f"{image_path}: {image.shape[0]} channels, task {task.task} has {expected.channels}")
+        raise common.InputError(f"{image_path}: {image.shape[0]} channels, task {task.task} has {expected.channels}")
 
     segmentations = sorted(
         (int(match.group(2)), path)
@@ -144,9 +129,9 @@ def convert_case(task: CaseTask) -> Sample:
         if (match := SEGMENTATION.match(path.name)) and int(match.group(1)) == task.subtask
     )
     if not segmentations:
-        raise InputError(f"{folder}: no mask of sub-task {task.subtask} (task{task.subtask:02d}_segRR.nii.gz)")
+        raise common.InputError(f"{folder}: no mask of sub-task {task.subtask} (task{task.subtask:02d}_segRR.nii.gz)")
     if task.require_raters and len(segmentations) != expected.raters:
-        raise InputError(
+        raise common.InputError(
             f"{folder}: {len(segmentations)} rater masks for sub-task {task.subtask}, "
             f"task {task.task} has {expected.raters} (--require-raters)"
         )
@@ -154,17 +139,17 @@ def convert_case(task: CaseTask) -> Sample:
     for _, path in segmentations:
         mask = np.squeeze(_load(path)[0])
         if mask.shape != image.shape[1:]:
-            raise InputError(f"{path}: mask is {mask.shape}, the image {image_path.name} is {image.shape[1:]}")
-        masks.append(check_binary_mask(mask, os.fspath(path)))
+            raise common.InputError(f"{path}: mask is {mask.shape}, the image {image_path.name} is {image.shape[1:]}")
+        masks.append(common.check_binary_mask(mask, os.fspath(path)))
     label = np.stack(masks)
 
-    check_finite(image, os.fspath(image_path))
-    image = np.stack([normalise_minmax(channel, *PERCENTILES) for channel in image])
+    common.check_finite(image, os.fspath(image_path))
+    image = np.stack([common.normalise_minmax(channel, *PERCENTILES) for channel in image])
     if task.size is not None:
-        image, label = resize_image(image, task.size), resize_masks(label, task.size)
+        image, label = common.resize_image(image, task.size), common.resize_masks(label, task.size)
         affine = None  # the source affine no longer fits the resized grid
     case = folder.name
-    return Sample(
+    return common.Sample(
         case_id=f"{task.task}_t{task.subtask}_{task.split}_{case}",
         patient_id=f"{task.task}_{task.split}_{case}",
         image=image,
@@ -204,7 +189,7 @@ def prepare_qubiq(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> ImportSummary:
+) -> common.ImportSummary:
     """Convert one QUBIQ task/sub-task into a dataset at ``out``; returns the summary."""
     if task not in QUBIQ_TASKS:
         raise ValueError(f"unknown QUBIQ task '{task}' (2D tasks: {', '.join(QUBIQ_TASKS)})")
@@ -218,16 +203,16 @@ def prepare_qubiq(
         "normalisation": f"per image and channel: clip to percentiles {PERCENTILES}, scale to [0, 1]",
         "require_raters": require_raters,
     }
-    summary = ImportSummary(f"qubiq-{task}", options)
+    summary = common.ImportSummary(f"qubiq-{task}", options)
     name = f"qubiq_{task.replace('-', '_')}_task{subtask}"
-    writer = open_dataset(out, name, spec.modality, spec.raters, spec.channels, overwrite, "QUBIQ", options)
-    job = ImportJob(writer, summary, source, strict, progress)
+    writer = common.open_dataset(out, name, spec.modality, spec.raters, spec.channels, overwrite, "QUBIQ", options)
+    job = common.ImportJob(writer, summary, source, strict, progress)
     tasks = [
-        CaseTask(os.fspath(folder), split, task, subtask, require_raters, image_size(size))
+        CaseTask(os.fspath(folder), split, task, subtask, require_raters, common.image_size(size))
         for split, folder in find_cases(source, task)
     ]
 
-    def record(sample: Sample) -> None:
+    def record(sample: common.Sample) -> None:
         if sample.label.shape[0] != spec.raters:
             summary.warn(
                 f"{sample.metadata['source_case']}: {sample.label.shape[0]} raters instead of {spec.raters} "
@@ -246,10 +231,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--require-raters", action="store_true", help="treat a case with an unusual rater count as broken"
     )
-    add_size_argument(parser)
-    add_output_arguments(parser)
+    common.add_size_argument(parser)
+    common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ambiseg prepare qubiq``."""
-    return run_import(prepare_qubiq, args)
+    return common.run_import(prepare_qubiq, args)

@@ -28,7 +28,7 @@ from ambiseg_monai.cli import main as cli_main
 from ambiseg_monai.data.datalist import DatasetExistsError, load_datalist, validate_datalist
 from ambiseg_monai.data.nifti import load_channel_first_nifti
 from ambiseg_monai.preprocessing import lidc
-from ambiseg_monai.preprocessing.common import ImportFailedError
+from ambiseg_monai.preprocessing.common import ImportFailedError, ImportSummary
 from ambiseg_monai.preprocessing.contours import rasterise_contours
 from ambiseg_monai.preprocessing.dicom_series import DicomSeriesError, read_series
 from ambiseg_monai.preprocessing.lidc import LidcOptions, discover_scans, prepare_lidc, process_scan
@@ -451,7 +451,7 @@ def test_fewer_sessions_are_padded_min_readers_and_xray_series(tmp_path):
     scan.xml_path.write_text(lidc_xml_text(scan.series_uid, scan.study_uid, sessions))
     write_ct_slice(tmp_path / "src" / "xray" / "cr.dcm", patient_id="X", study_uid="9.1", series_uid="9.1.2",
                    sop_uid="9.1.2.1", z=0.0, hu=np.zeros((4, 4), np.int16), instance_number=1, modality="CR")
-    summary = lidc.ImportSummary("lidc")
+    summary = ImportSummary("lidc")
     (task,) = discover_scans(tmp_path / "src", LidcOptions(crop_size=32, min_readers=2), summary=summary)
     assert summary.counts["non_ct_series_skipped"] == 1
     result = process_scan(task)

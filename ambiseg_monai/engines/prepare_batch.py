@@ -55,13 +55,15 @@ def _check_rater_stack(stack: torch.Tensor, image: torch.Tensor, what: str) -> N
 
 
 class _ImagePrepareBatch(PrepareBatch):
-    """What both prepare_batch callables share: the images (checked) and the optional class labels.
+    """What both prepare_batch callables share: the images (checked), the optional class labels, the
+    rater mask's key.
 
     Args (keywords of both subclasses):
         image_key: batch key of the B x C x H x W images.
         class_label_key: key of per-image integer labels (consensus level, rater id) or None.
         image_channels: when set, a batch with another channel count raises a clear error.
         channels_last: use channels-last memory on CUDA.
+        rater_mask_key: key of the B x R bool mask of the real (not padded) raters.
     """
 
     def __init__(
@@ -70,11 +72,13 @@ class _ImagePrepareBatch(PrepareBatch):
         class_label_key: str | None = None,
         image_channels: int | None = None,
         channels_last: bool = True,
+        rater_mask_key: str = "rater_mask",
     ) -> None:
         self.image_key = image_key
         self.class_label_key = class_label_key
         self.image_channels = image_channels
         self.channels_last = channels_last
+        self.rater_mask_key = rater_mask_key
 
     def _image(self, batchdata: Mapping, device, non_blocking: bool) -> torch.Tensor:
         """The B x C x H x W images on ``device``, checked against ``image_channels``."""
@@ -97,24 +101,17 @@ class DiffusionTrainingPrepareBatch(_ImagePrepareBatch):
     Args:
         target_key: batch key of the training target (chosen by the label-strategy transform: one
             random rater, the mean, a consensus level...).
-        rater_key, rater_mask_key: when ``rater_key`` is set, also pass all raters (B x R x H x W)
-            and the rater mask (B x R) as the inferer keywords ``raters`` and ``rater_mask`` (for
+        rater_key: when set, also pass all raters (B x R x H x W) and the rater mask (B x R, under
+            ``rater_mask_key``) as the inferer keywords ``raters`` and ``rater_mask`` (for
             rater-posterior training targets).
-        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last`` (see
-            ``_ImagePrepareBatch``).
+        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last``,
+            ``rater_mask_key`` (see ``_ImagePrepareBatch``).
     """
 
-    def __init__(
-        self,
-        target_key: str = "target",
-        rater_key: str | None = None,
-        rater_mask_key: str = "rater_mask",
-        **options: Any,
-    ) -> None:
+    def __init__(self, target_key: str = "target", rater_key: str | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.target_key = target_key
         self.rater_key = rater_key
-        self.rater_mask_key = rater_mask_key
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
         image = self._image(batchdata, device, non_blocking)
@@ -141,17 +138,14 @@ class SamplingPrepareBatch(_ImagePrepareBatch):
     optional so that inference works on unlabeled images. ``image_ids`` (case ids) seed the samples.
 
     Args:
-        label_key, rater_mask_key, id_key: batch keys.
-        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last``, as in
-            :class:`DiffusionTrainingPrepareBatch`.
+        label_key, id_key: batch keys.
+        options: ``image_key``, ``class_label_key``, ``image_channels``, ``channels_last``,
+            ``rater_mask_key``, as in :class:`DiffusionTrainingPrepareBatch`.
     """
 
-    def __init__(
-        self, label_key: str = "label", rater_mask_key: str = "rater_mask", id_key: str = "case_id", **options: Any
-    ) -> None:
+    def __init__(self, label_key: str = "label", id_key: str = "case_id", **options: Any) -> None:
         super().__init__(**options)
         self.label_key = label_key
-        self.rater_mask_key = rater_mask_key
         self.id_key = id_key
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):

@@ -94,10 +94,17 @@ class LatentFamily(ABC):
         latent_dim: dimension ``D`` of the latent vector (channels of a spatial latent).
     """
 
+    #: whether spatial parameters ``B x P x h x w`` are accepted too (the event then covers ``h x w``)
+    accepts_spatial: bool = False
+
     def __init__(self, latent_dim: int) -> None:
-        if int(latent_dim) < 1:
-            raise ValueError(f"{type(self).__name__}: latent_dim must be >= 1, got {latent_dim}.")
-        self.latent_dim = int(latent_dim)
+        self.latent_dim = self._at_least_one("latent_dim", latent_dim)
+
+    def _at_least_one(self, name: str, value: int) -> int:
+        """``int(value)``, or a ValueError naming this family when it is below 1."""
+        if int(value) < 1:
+            raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {value}.")
+        return int(value)
 
     @property
     @abstractmethod
@@ -112,15 +119,19 @@ class LatentFamily(ABC):
         """Turn raw encoder output into a distribution.
 
         Args:
-            params: ``B x P`` raw parameters (``P == self.num_parameters``).
+            params: ``B x P`` raw parameters (``P == self.num_parameters``); ``B x P x h x w`` too when
+                :attr:`accepts_spatial`.
 
         Returns:
-            a distribution with ``batch_shape == (B,)`` and ``event_shape == (D,)``.
+            a distribution with ``batch_shape == (B,)`` and ``event_shape == (D,)`` (``(D, h, w)`` for
+            spatial parameters).
         """
-        if params.ndim != 2 or params.shape[1] != self.num_parameters:
+        shape_ok = params.ndim == 2 or (self.accepts_spatial and params.ndim > 2)
+        if not shape_ok or params.shape[1] != self.num_parameters:
+            spatial = " [x h x w]" if self.accepts_spatial else ""
             raise ValueError(
                 f"{type(self).__name__}(latent_dim={self.latent_dim}) expects parameters of shape "
-                f"B x {self.num_parameters}, got {tuple(params.shape)}."
+                f"B x {self.num_parameters}{spatial}, got {tuple(params.shape)}."
             )
         return self._build(_at_least_float32(params))
 
@@ -153,6 +164,19 @@ def _cholesky_factor(diagonal_raw: torch.Tensor, off_diagonal: torch.Tensor, lat
     return factor + torch.diag_embed(diagonal)
 
 
+def _diagonal_gaussian(mu: torch.Tensor, log_sigma: torch.Tensor, event_dims: int) -> Distribution:
+    """``Independent(Normal)`` whose event is the last ``event_dims`` dimensions (sigma: clamped ``exp``)."""
+    normal = Normal(mu, _sigma_from_log_sigma(log_sigma), validate_args=False)
+    return Independent(normal, event_dims, validate_args=False)
+
+
+def _full_covariance_gaussian(params: torch.Tensor, latent_dim: int) -> Distribution:
+    """``... x P`` parameters ``[mu (D), raw Cholesky diagonal (D), strictly-lower]`` -> ``MultivariateNormal``."""
+    d = latent_dim
+    mu, diagonal_raw, off_diagonal = params.split([d, d, d * (d - 1) // 2], dim=-1)
+    return MultivariateNormal(mu, scale_tril=_cholesky_factor(diagonal_raw, off_diagonal, d), validate_args=False)
+
+
 class AxisAlignedGaussian(LatentFamily):
     """Gaussian with diagonal covariance (Kohl et al. 2018): parameters ``[mu (D), log_sigma (D)]``.
 
@@ -160,23 +184,15 @@ class AxisAlignedGaussian(LatentFamily):
     with ``event_shape == (D, h, w)``, whose KL sums over channels and pixels.
     """
 
+    accepts_spatial = True
+
     @property
     def num_parameters(self) -> int:
         return 2 * self.latent_dim
 
-    def __call__(self, params: torch.Tensor) -> Distribution:
-        """``B x 2D`` (or ``B x 2D x h x w``) parameters -> ``Independent(Normal)`` over all non-batch dims."""
-        if params.ndim < 2 or params.shape[1] != self.num_parameters:
-            raise ValueError(
-                f"AxisAlignedGaussian(latent_dim={self.latent_dim}) expects parameters of shape "
-                f"B x {self.num_parameters} [x h x w], got {tuple(params.shape)}."
-            )
-        return self._build(_at_least_float32(params))
-
     def _build(self, params: torch.Tensor) -> Distribution:
         mu, log_sigma = params.split(self.latent_dim, dim=1)
-        normal = Normal(mu, _sigma_from_log_sigma(log_sigma), validate_args=False)
-        return Independent(normal, params.ndim - 1, validate_args=False)
+        return _diagonal_gaussian(mu, log_sigma, params.ndim - 1)
 
 
 class FullCovarianceGaussian(LatentFamily):
@@ -191,24 +207,24 @@ class FullCovarianceGaussian(LatentFamily):
         return 2 * d + d * (d - 1) // 2
 
     def _build(self, params: torch.Tensor) -> Distribution:
-        d = self.latent_dim
-        mu, diagonal_raw, off_diagonal = params.split([d, d, d * (d - 1) // 2], dim=-1)
-        return MultivariateNormal(mu, scale_tril=_cholesky_factor(diagonal_raw, off_diagonal, d), validate_args=False)
+        return _full_covariance_gaussian(params, self.latent_dim)
 
 
 class _Mixture(LatentFamily):
-    """Mixture of ``num_components`` members of one Gaussian family; parameters ``[logits (K), K x component]``."""
+    """Mixture of ``num_components`` members of one Gaussian family; parameters ``[logits (K), K x component]``.
+
+    Args:
+        latent_dim: latent dimension ``D``.
+        num_components: number ``K`` of mixture components.
+    """
+
+    component_family: type[LatentFamily]
+    """The family of one component (its ``num_parameters`` are a component's raw parameters)."""
 
     def __init__(self, latent_dim: int, num_components: int) -> None:
         super().__init__(latent_dim)
-        if int(num_components) < 1:
-            raise ValueError(f"{type(self).__name__}: num_components must be >= 1, got {num_components}.")
-        self.num_components = int(num_components)
-
-    @property
-    @abstractmethod
-    def component_num_parameters(self) -> int:
-        """Raw parameters of one component."""
+        self.num_components = self._at_least_one("num_components", num_components)
+        self.component_num_parameters = self.component_family(latent_dim).num_parameters
 
     @abstractmethod
     def _components(self, params: torch.Tensor) -> Distribution:
@@ -231,39 +247,22 @@ class _Mixture(LatentFamily):
 
 
 class MixtureOfAxisAlignedGaussians(_Mixture):
-    """Mixture of ``num_components`` axis-aligned Gaussians (Bhat et al. 2022).
+    """Mixture of ``K = num_components`` axis-aligned Gaussians over ``D = latent_dim`` (Bhat et al. 2022)."""
 
-    Args:
-        latent_dim: latent dimension ``D``.
-        num_components: number ``K`` of mixture components.
-    """
-
-    @property
-    def component_num_parameters(self) -> int:
-        return 2 * self.latent_dim
+    component_family = AxisAlignedGaussian
 
     def _components(self, params: torch.Tensor) -> Distribution:
         mu, log_sigma = params.split(self.latent_dim, dim=-1)
-        return Independent(Normal(mu, _sigma_from_log_sigma(log_sigma), validate_args=False), 1, validate_args=False)
+        return _diagonal_gaussian(mu, log_sigma, 1)
 
 
 class MixtureOfFullCovarianceGaussians(_Mixture):
-    """Mixture of ``num_components`` full-covariance Gaussians (Bhat et al. 2022).
+    """Mixture of ``K = num_components`` full-covariance Gaussians over ``D = latent_dim`` (Bhat et al. 2022)."""
 
-    Args:
-        latent_dim: latent dimension ``D``.
-        num_components: number ``K`` of mixture components.
-    """
-
-    @property
-    def component_num_parameters(self) -> int:
-        d = self.latent_dim
-        return 2 * d + d * (d - 1) // 2
+    component_family = FullCovarianceGaussian
 
     def _components(self, params: torch.Tensor) -> Distribution:
-        d = self.latent_dim
-        mu, diagonal_raw, off_diagonal = params.split([d, d, d * (d - 1) // 2], dim=-1)
-        return MultivariateNormal(mu, scale_tril=_cholesky_factor(diagonal_raw, off_diagonal, d), validate_args=False)
+        return _full_covariance_gaussian(params, self.latent_dim)
 
 
 def latent_kl_divergence(
