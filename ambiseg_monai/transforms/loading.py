@@ -46,11 +46,14 @@ class LoadImage2D(Transform):
         array = convert_to_dst_type(array, dst=array, dtype=self.dtype)[0]
         meta = switch_endianness(meta, "<")
         meta[ImageMetaKey.FILENAME_OR_OBJ] = f"{filename}"
-        return EnsureChannelFirst()(MetaTensor.ensure_torch_and_prune_meta(array, meta), meta_dict=meta)
+        image = EnsureChannelFirst()(MetaTensor.ensure_torch_and_prune_meta(array, meta), meta_dict=meta)
+        if not isinstance(image, MetaTensor):  # a plain tensor only under monai.data.set_track_meta(False)
+            image = MetaTensor(image, meta=meta)
+        return image
 
     def __call__(self, filename: str) -> MetaTensor:
         try:
-            image = self._load(filename)
+            image: Any = self._load(filename)  # MetaTensor (indexing keeps it one; its hints say Tensor)
         except Exception as error:
             raise ValueError(f"{filename}: cannot load image ({error})") from error
         while image.ndim > 3 and image.shape[-1] == 1:
