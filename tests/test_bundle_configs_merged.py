@@ -110,6 +110,14 @@ EXPRESSION_RENAMES: dict[str, str] = {
 #: an ``INTENDED_CHANGES`` value: the id is gone on purpose
 REMOVED = object()
 
+
+class Inserted:
+    """An ``INTENDED_CHANGES`` value inserted into a list at the id's index (later entries move up one)."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
 #: the snapshot's ``train#handlers``: ProvenanceHandler at 7, the deprecated MLflowConfigLogger at 8
 _PROVENANCE, _CONFIG_LOGGER = "train#handlers#7", "train#handlers#8"
 #: a handler that publishes the extra metrics of post-processed samples under ``<metric>_pp``
@@ -117,6 +125,14 @@ _PP_METRICS = {
     "_target_": "ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler",
     "pred_key": "pred_pp",
     "suffix": "_pp",
+}
+#: issue #18: validation says which split, how many images and samples per image when it starts
+_PHASE_LOGGER = {
+    "_target_": "ambiseg_monai.handlers.PhaseLogger",
+    "_disabled_": "@is_not_rank0",
+    "label": "validation",
+    "num_samples": "@num_val_samples",
+    "split": "validation",
 }
 #: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
 _SOFT_DICE_5 = {
@@ -150,14 +166,51 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms"},
         "train#handlers#5#output_transform": "@train#loss_terms",
         "train#mlflow_handler#output_transform": "@train#loss_terms",
+        # Issue #18 (a newcomer's first hour), logging: per-iteration lines only on request
+        # (log_every_iteration, default false); one line per epoch with the mean loss terms and a progress
+        # bar on a terminal (EpochLossLogger, before validation); a summary at the end (TrainingSummary:
+        # checkpoints, samples, best metric, MLflow run id and the mlflow ui command, or "already finished");
+        # the MLflow run id is recorded in <output_dir>/mlflow_run.json so that a resumed training continues
+        # its run and the validator logs into the trainer's run (continue_run).
+        "log_every_iteration": False,
+        "mlflow_run_file": "$@output_dir + '/mlflow_run.json'",
+        "train#handlers#5#iteration_log": "@log_every_iteration",
+        "train#handlers#3": Inserted(
+            {
+                "_target_": "ambiseg_monai.handlers.EpochLossLogger",
+                "_disabled_": "@is_not_rank0",
+                "output_transform": "@train#loss_terms",
+            }
+        ),
+        "train#handlers#9": Inserted(
+            {
+                "_target_": "ambiseg_monai.handlers.TrainingSummary",
+                "_disabled_": "@is_not_rank0",
+                "output_dir": "@output_dir",
+                "ckpt_dir": "@ckpt_dir",
+                "mlflow_handler": "@train#mlflow_handler",
+                "tracking_uri": "@resolved_tracking_uri",
+                "validator": "@validate#evaluator",
+            }
+        ),
+        "train#mlflow_handler#run_id_file": "@mlflow_run_file",
+        "train#mlflow_handler#continue_run": (
+            "$@resume and ambiseg_monai.handlers.latest_checkpoint(@ckpt_dir) is not None"
+        ),
+        "validate#mlflow_handler#run_id_file": "@mlflow_run_file",
+        "validate#mlflow_handler#continue_run": True,
     },
     "evaluate.json": {
         "evaluate#mlflow_handler#experiment_param": REMOVED,
         "evaluate#provenance_handler#params": "@eval_provenance_params",
     },
     # provenance_params: the computed values of the former experiment_param (its literals are logged anyway)
-    "cimd/train.json": {"provenance_params": {"method": "cimd", "num_raters": "@num_raters"}},
+    "cimd/train.json": {
+        "provenance_params": {"method": "cimd", "num_raters": "@num_raters"},
+        "validate#handlers#0": Inserted(_PHASE_LOGGER),
+    },
     "ambdiffseg/train.json": {
+        "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
             "method": "ambdiffseg",
             "num_raters": "@num_raters",
@@ -185,6 +238,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "validate#additional_metrics": {"soft_dice_5": {**_SOFT_DICE_5, "save_details": False}},
     },
     "prob_unet/train.json": {
+        "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
             "method": "prob_unet",
             "latent_distribution": "@network_def#latent_distribution#_target_",
@@ -194,6 +248,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
     },
     "phiseg/train.json": {
+        "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {"method": "phiseg", "num_raters": "@num_raters"},
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
     },
@@ -269,6 +324,8 @@ def _expected(bundle: str, key: str) -> dict:
                 index = int(last) if isinstance(target, list) else last
                 if value is REMOVED:
                     del target[index]
+                elif isinstance(value, Inserted):
+                    target.insert(index, json.loads(json.dumps(value.value)))
                 else:
                     target[index] = json.loads(json.dumps(value))
     return _renamed_expressions(config)

@@ -127,11 +127,12 @@ def test_train_resume_evaluate_and_infer_on_demo_data(small_demo_dataset, tmp_pa
 
     client, runs = _mlflow_runs(tmp_path)
     names = [r.info.run_name.rsplit("_", 2)[0] for r in runs]  # strip the time stamps
-    assert names == ["consensus_diffusion_consensus"] * 2 + ["consensus_diffusion_consensus_eval"]
-    first, resumed, evaluation = runs
-    assert [m.step for m in client.get_metric_history(first.info.run_id, "loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == [3, 4]  # epoch 2 only
-    assert {"soft_dice", "soft_dice_5", "ged", "ci"} <= set(resumed.data.metrics)
+    # the resumed training continues its MLflow run (issue #18): one training run, then the evaluation's
+    assert names == ["consensus_diffusion_consensus", "consensus_diffusion_consensus_eval"]
+    training, evaluation = runs
+    assert [m.step for m in client.get_metric_history(training.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(training.info.run_id, "soft_dice")] == [1, 2]
+    assert {"soft_dice", "soft_dice_5", "ged", "ci"} <= set(training.data.metrics)
     assert {"test_n4_soft_dice", "test_n4_soft_dice_5", "test_n4_ged", "soft_dice_vs_generations"} <= set(evaluation.data.metrics)
     curve_history = client.get_metric_history(evaluation.info.run_id, "soft_dice_vs_generations")
     assert [m.step for m in curve_history] == [1, 2, 3]

@@ -1,4 +1,9 @@
-"""The MONAI Deploy application: exported tiny bundle -> DICOM SEG + NIfTI maps, on real and generated DICOM."""
+"""The MONAI Deploy application: exported tiny bundle -> DICOM SEG + NIfTI maps, on real and generated DICOM.
+
+The pure pieces (preprocessing, volumes, inputs, predictor) need only MONAI. The tests marked ``deploy_sdk``
+need the ``deploy`` extra (monai-deploy-app-sdk, Holoscan, highdicom): without it they are skipped with the
+reason (tests/conftest.py); ``bash .ci/run`` runs them in its second environment (``.[test,deploy]``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -18,8 +22,6 @@ import torch
 from pydicom.data import get_testdata_file
 
 from ambiseg_monai.deploy.__main__ import main as deploy_main
-from ambiseg_monai.deploy.app import DeploySettings, run_application
-from ambiseg_monai.deploy.dicom_seg import build_ambiguous_segmentation
 from ambiseg_monai.deploy.export import export_bundle
 from ambiseg_monai.deploy.inputs import describe_input, resolve_model_path
 from ambiseg_monai.deploy.predictor import AmbiguousSlicePredictor
@@ -187,7 +189,10 @@ def test_predictor_statistics_on_the_model_grid(model_path):
         AmbiguousSlicePredictor(model_path, device="cuda")
 
 
+@pytest.mark.deploy_sdk
 def test_build_segmentation_round_trip():
+    from ambiseg_monai.deploy.dicom_seg import build_ambiguous_segmentation
+
     source = pydicom.dcmread(CT_SMALL)
     samples = np.zeros((1, 2, 128, 128), dtype=np.uint8)
     samples[0, 0, 10:20, 30:50] = 1
@@ -207,6 +212,8 @@ def test_build_segmentation_round_trip():
 
 def _check_seg(seg_path: Path, sources: list[pydicom.Dataset]) -> np.ndarray:
     """Open the SEG with pydicom and highdicom, check references and geometry; return frames x H x W x segments."""
+    import highdicom as hd
+
     raw = pydicom.dcmread(seg_path)
     assert raw.Modality == "SEG" and raw.SegmentationType == "BINARY"
     seg = hd.seg.segread(seg_path)
@@ -232,6 +239,7 @@ def _check_seg(seg_path: Path, sources: list[pydicom.Dataset]) -> np.ndarray:
     return pixels
 
 
+@pytest.mark.deploy_sdk
 def test_launcher_on_pydicom_ct(model_path, tmp_path):
     """The real CT shipped with pydicom (128 x 128, one slice) through `python -m ambiseg_monai.deploy`."""
     input_dir, out = _dicom_folder(tmp_path), tmp_path / "out"
@@ -259,9 +267,12 @@ def test_launcher_on_pydicom_ct(model_path, tmp_path):
     assert pydicom.dcmread(out / "seg.dcm").SegmentSequence[0].SegmentAlgorithmName == "bundle"
 
 
+@pytest.mark.deploy_sdk
 @pytest.mark.skipif(not (REPO / "bundles/cimd/configs/inference.json").is_file(), reason="CIMD bundle not present")
 def test_application_with_the_cimd_bundle_on_pydicom_ct(tmp_path):
     """The real CIMD bundle's configs (tiny), exported, in the application on the pydicom CT."""
+    from ambiseg_monai.deploy.app import DeploySettings, run_application
+
     model, _ = export_tiny_cimd(tmp_path / "cimd")
     out = tmp_path / "out"
     run_application(DeploySettings(input=_dicom_folder(tmp_path), output=out, model=model.parent))
@@ -271,7 +282,10 @@ def test_application_with_the_cimd_bundle_on_pydicom_ct(tmp_path):
 
 # the SDK's DICOM loader logs skipped files with the deprecated Logger.warn (its code, not ours)
 @pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
+@pytest.mark.deploy_sdk
 def test_application_on_generated_series_with_slice_selection(model_path, multi_slice_series, tmp_path):
+    from ambiseg_monai.deploy.app import DeploySettings, run_application
+
     out = tmp_path / "out"
     run_application(DeploySettings(input=multi_slice_series, output=out, model=model_path, slices="0,2"))
     ct = sorted(
@@ -286,7 +300,10 @@ def test_application_on_generated_series_with_slice_selection(model_path, multi_
     assert json.loads((out / "prediction.json").read_text())["processed_slices"] == [0, 2]
 
 
+@pytest.mark.deploy_sdk
 def test_application_on_nifti(model_path, tmp_path):
+    from ambiseg_monai.deploy.app import DeploySettings, run_application
+
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
     volume = np.random.default_rng(1).uniform(-1000, 400, size=(2, 20, 24)).astype(np.float32)  # D x H x W
     write_nifti_volume(tmp_path / "ct.nii.gz", volume, affine)
@@ -302,6 +319,7 @@ def test_application_on_nifti(model_path, tmp_path):
         run_application(DeploySettings(input=tmp_path / "ct.nii.gz", output=out, model=model_path, slices="7"))
 
 
+@pytest.mark.deploy_sdk
 @pytest.mark.parametrize("case", ["no_dicom", "wrong_modality", "missing_model", "not_a_model"])
 def test_launcher_bad_inputs(case, model_path, tmp_path, capsys):
     input_dir, model = _dicom_folder(tmp_path), model_path

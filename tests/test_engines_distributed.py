@@ -61,8 +61,8 @@ def test_two_process_gloo_training_completes(bundle, small_demo_dataset, tmp_pat
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    # 8 training images, 2 ranks x batch 2 -> 2 iterations per epoch on each rank
-    assert "Epoch: 1/1, Iter: 2/2" in log and "Iter: 3/" not in log
+    # 8 training images, 2 ranks x batch 2 -> 2 iterations per epoch on each rank (rank 0 prints the epoch line)
+    assert log.count(" - epoch 1/1: ") == 1 and "[2 iterations, " in log
     assert "Key metric:" in log  # validation ran (metrics gathered across ranks)
     models = tmp_path / "run" / "models"
     assert (models / "checkpoint_epoch=1.pt").is_file() and (models / "model.pt").is_file()  # rank 0 saved once

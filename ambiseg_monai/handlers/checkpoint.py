@@ -503,7 +503,7 @@ class ResumableCheckpointer:
         checkpoint[RESUME_KEY] = self._resume_state(engine)
         path = atomic_save(checkpoint, self.checkpoint_dir / f"{self.prefix}_epoch={epoch}.pt")
         self.last_saved = path
-        self.logger.info(f"saved checkpoint {path}")
+        self.logger.debug(f"saved checkpoint {path}")  # the epoch line and the summary name the folder
         self._prune(epoch)
 
     # -- saving ---------------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ class ResumableCheckpointer:
                 older.append((int(match.group(1)), path))
         for _, path in sorted(older, reverse=True)[self.keep_last :]:
             path.unlink(missing_ok=True)
-            self.logger.info(f"removed old checkpoint {path} (keep_last={self.keep_last})")
+            self.logger.debug(f"removed old checkpoint {path} (keep_last={self.keep_last})")
 
     def _remove_temporary_files(self) -> None:
         """Remove the temporary files of writes that a kill interrupted (see :func:`atomic_save`)."""

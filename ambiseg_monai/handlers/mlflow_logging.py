@@ -19,6 +19,7 @@ evaluation folder (``MLFlowHandler(artifacts=...)``); loss terms by
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from ambiseg_monai.handlers.progress import training_already_finished
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.provenance import (
     config_being_parsed,
@@ -164,8 +166,8 @@ class ProvenanceHandler:
 
     def started(self, engine: Engine) -> None:
         """Log params, tags and the config artifacts (once per run, also when the engine restarts)."""
-        if not self.is_main_process:
-            return
+        if not self.is_main_process or training_already_finished(engine):
+            return  # a finished training re-run logs nothing
         client, run_id = _client_and_run(self.mlflow_handler, engine, type(self).__name__)
         if run_id == self.logged_run_id:
             return
@@ -237,7 +239,13 @@ class GuardedMLFlowHandler(MLFlowHandler):
             ``sqlite:///mlruns-offline.db``.
         http_limits: MLflow HTTP variables applied to each request (default
             :data:`~ambiseg_monai.reporting.tracking.HTTP_LIMITS`; a variable set in the environment wins).
+        run_id_file: a JSON file (in the output folder) recording the run this handler logs to, with its
+            tracking URI: written when the run starts, read when ``continue_run``.
+        continue_run: log into the run recorded in ``run_id_file`` (when it is in the same store) instead of
+            starting one: a resumed training continues its run; the validator's handler follows the trainer's.
         kwargs: the other ``MLFlowHandler`` arguments.
+
+    A trainer resumed at its last epoch (a finished training run again) starts no run and logs nothing.
     """
 
     def __init__(
@@ -245,12 +253,17 @@ class GuardedMLFlowHandler(MLFlowHandler):
         tracking_uri: str | None = None,
         offline_tracking_uri: str | None = None,
         http_limits: Mapping[str, str] | None = None,
+        run_id_file: str | os.PathLike | None = None,
+        continue_run: bool = False,
         **kwargs,
     ) -> None:
         from ambiseg_monai.reporting.tracking import FailoverClient
 
         super().__init__(tracking_uri=tracking_uri, **kwargs)
         effective = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+        self.effective_tracking_uri = effective
+        self.run_id_file = None if run_id_file is None else Path(run_id_file)
+        self.continue_run = bool(continue_run)
         if effective.startswith(("http://", "https://")):
             self.client = FailoverClient(
                 self.client,
@@ -260,3 +273,38 @@ class GuardedMLFlowHandler(MLFlowHandler):
                 run_name=self.run_name,
                 http_limits=http_limits,
             )
+
+    @property
+    def recorded_run_id(self) -> str | None:
+        """The run id in ``run_id_file`` when it names a run of this handler's store (else None)."""
+        if self.run_id_file is None or not self.run_id_file.is_file():
+            return None
+        try:
+            record = json.loads(self.run_id_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("tracking_uri") != self.effective_tracking_uri:
+            return None
+        run_id = record.get("run_id")
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    def start(self, engine: Engine) -> None:
+        """Start (or continue, see ``continue_run``) the run; nothing for a finished training run again."""
+        if training_already_finished(engine):
+            return
+        if self.cur_run is None and self.continue_run and (run_id := self.recorded_run_id) is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except mlflow.exceptions.MlflowException as error:
+                logger.info(f"MLflow run {run_id} recorded in {self.run_id_file} not found ({error}): a new run starts")
+            else:
+                if run.info.lifecycle_stage == "active":
+                    if run.info.status != "RUNNING":
+                        self.client.update_run(run_id, status="RUNNING")
+                    self._set_experiment()
+                    self.cur_run = self.client.get_run(run_id)
+        super().start(engine)
+        if self.run_id_file is not None and self.cur_run is not None:
+            record = {"run_id": self.cur_run.info.run_id, "tracking_uri": self.effective_tracking_uri}
+            self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            self.run_id_file.write_text(json.dumps(record) + "\n", encoding="utf-8")

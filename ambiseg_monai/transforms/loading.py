@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform, Transform
+from monai.data import MetaTensor, NibabelReader
+from monai.transforms import EnsureChannelFirst, MapTransform, Transform
+from monai.transforms.io.array import switch_endianness
+from monai.utils import ImageMetaKey
+from monai.utils.type_conversion import convert_to_dst_type
 
 from ambiseg_monai.transforms.keywise import KeywiseTransformd
 
@@ -24,19 +27,33 @@ __all__ = ["LoadImage2D", "LoadImage2Dd", "LoadTruthd"]
 class LoadImage2D(Transform):
     """Load a contract file (image or rater stack) as a C x H x W ``MetaTensor``.
 
-    Wraps MONAI's ``LoadImage(ensure_channel_first=True)`` and removes the singleton third
-    spatial axis of the contract's (H, W, 1, C) NIfTI layout (see :mod:`ambiseg_monai.data.nifti`).
+    Reads like MONAI's ``LoadImage(image_only=True, ensure_channel_first=True)`` with nibabel's reader (the
+    same tensor and metadata) and removes the singleton third spatial axis of the contract's (H, W, 1, C)
+    NIfTI layout (see :mod:`ambiseg_monai.data.nifti`). ``LoadImage`` itself is not used: it instantiates
+    every default reader, and MONAI 1.6's nvImageCodec DICOM reader logs a warning and raises a
+    ``UserWarning`` at construction wherever nvImageCodec is not installed (contract files are NIfTI).
 
     Args:
         dtype: output dtype (``np.float32`` for images and masks, so transforms can mix them).
     """
 
     def __init__(self, dtype: Any = np.float32) -> None:
-        self.loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=dtype)
+        self.reader = NibabelReader()
+        self.dtype = dtype
+
+    def _load(self, filename: str) -> MetaTensor:
+        array, meta = self.reader.get_data(self.reader.read(filename))
+        array = convert_to_dst_type(array, dst=array, dtype=self.dtype)[0]
+        meta = switch_endianness(meta, "<")
+        meta[ImageMetaKey.FILENAME_OR_OBJ] = f"{filename}"
+        image = EnsureChannelFirst()(MetaTensor.ensure_torch_and_prune_meta(array, meta), meta_dict=meta)
+        if not isinstance(image, MetaTensor):  # a plain tensor only under monai.data.set_track_meta(False)
+            image = MetaTensor(image, meta=meta)
+        return image
 
     def __call__(self, filename: str) -> MetaTensor:
         try:
-            image = self.loader(filename)
+            image: Any = self._load(filename)  # MetaTensor (indexing keeps it one; its hints say Tensor)
         except Exception as error:
             raise ValueError(f"{filename}: cannot load image ({error})") from error
         while image.ndim > 3 and image.shape[-1] == 1:

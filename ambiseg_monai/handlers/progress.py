@@ -1,0 +1,220 @@
+"""What a training prints: one line per epoch, a progress bar, labelled validation, a final summary.
+
+- :class:`EpochLossLogger`: one line per epoch with the epoch's mean loss terms and its time, and a tqdm
+  progress bar over the epoch's iterations with the running loss (only when stderr is a terminal: logs and
+  captured output get the epoch line alone). MONAI's ``StatsHandler`` prints per-iteration lines on request
+  (the bundles' ``log_every_iteration``).
+- :class:`PhaseLogger`: names a validation or evaluation phase when it starts: which split, how many images
+  and how many samples per image.
+- :class:`TrainingSummary`: at the end of a training, where the checkpoints and samples went, the best
+  metric, the MLflow run id and the ``mlflow ui`` command; on the re-run of a finished training, that it is
+  finished (nothing was trained, nothing logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+__all__ = ["EpochLossLogger", "PhaseLogger", "TrainingSummary", "training_already_finished", "mlflow_ui_command"]
+
+logger = logging.getLogger("ambiseg")
+
+
+def training_already_finished(engine: Engine) -> bool:
+    """True at ``Events.STARTED`` of a trainer resumed from a checkpoint of its last epoch (nothing to run)."""
+    max_epochs = engine.state.max_epochs
+    return max_epochs is not None and engine.state.iteration > 0 and engine.state.epoch >= max_epochs
+
+
+def mlflow_ui_command(tracking_uri: str | None) -> str:
+    """The command that browses a tracking store (``mlflow ui --backend-store-uri sqlite:///mlruns.db``)."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri else "mlflow ui"
+
+
+def _format_terms(terms: Mapping[str, float]) -> str:
+    main = terms.get("loss")
+    rest = ", ".join(f"{k} {v:.4g}" for k, v in sorted(terms.items()) if k != "loss")
+    if main is None:
+        return rest
+    return f"loss {main:.4f}" + (f" ({rest})" if rest else "")
+
+
+class EpochLossLogger:
+    """One line per epoch with the mean of each loss term, and a progress bar over the epoch's iterations.
+
+    Args:
+        output_transform: engine output -> ``{term: value}`` (a bundle's ``LossTerms``) or a number.
+        progress_bar: show a tqdm bar (ignite's ``ProgressBar``); None: only when stderr is a terminal.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        output_transform: Callable[[Any], Any] = lambda output: output,
+        progress_bar: bool | None = None,
+        name: str = "ambiseg",
+    ) -> None:
+        self.output_transform = output_transform
+        self.progress_bar = sys.stderr.isatty() if progress_bar is None else bool(progress_bar)
+        self.logger = logging.getLogger(name)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._started = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.progress_bar:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False, desc="training").attach(
+                engine, output_transform=lambda output: self._terms_from_output(output).get("loss", 0.0)
+            )
+
+    def _terms_from_output(self, output: Any) -> dict[str, float]:
+        value = self.output_transform(output)
+        if isinstance(value, Mapping):
+            return {str(k): float(v) for k, v in value.items()}
+        return {"loss": float(value)}
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._sums, self._count, self._started = {}, 0, time.perf_counter()
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        for key, value in self._terms_from_output(engine.state.output).items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        seconds = time.perf_counter() - self._started
+        self.logger.info(
+            f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {_format_terms(means)} "
+            f"[{self._count} iterations, {seconds:.1f} s]"
+        )
+
+
+class PhaseLogger:
+    """Name a validation or evaluation phase when its engine starts.
+
+    ``validation after epoch 10 (N = 4 samples per image, 16 images of split 'validation')``
+
+    Args:
+        label: the phase (``validation``, ``evaluation N = 16``, ``inference``).
+        num_samples: samples per image (None: not said).
+        split: the dataset split the images come from (None: not said).
+        name: logger name.
+    """
+
+    def __init__(self, label: str, num_samples: int | None = None, split: str | None = None, name: str = "ambiseg"):
+        self.label = label
+        self.num_samples = num_samples
+        self.split = split
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loader = engine.state.dataloader
+        dataset = getattr(loader, "dataset", None)
+        parts = []
+        if self.num_samples is not None:
+            parts.append(f"N = {int(self.num_samples)} samples per image")
+        if dataset is not None and hasattr(dataset, "__len__"):
+            images = f"{len(dataset)} images"
+            parts.append(images + (f" of split '{self.split}'" if self.split else ""))
+        elif self.split:
+            parts.append(f"split '{self.split}'")
+        when = f" after epoch {engine.state.max_epochs}" if self.label == "validation" else ""
+        self.logger.info(f"{self.label}{when} ({', '.join(parts)})" if parts else f"{self.label}{when}")
+
+
+class TrainingSummary:
+    """At the end of a training: where its outputs went, the best metric, the MLflow run and how to browse it.
+
+    On a re-run of a finished training (resumed at its last epoch), says so instead: nothing was trained
+    and nothing was logged.
+
+    Args:
+        output_dir: the bundle's output folder (checkpoints under ``ckpt_dir``, images under ``samples``).
+        ckpt_dir: the checkpoint folder.
+        mlflow_handler: the trainer's MLflow handler (its run id), or None.
+        tracking_uri: the tracking store (for the ``mlflow ui`` command).
+        validator: the evaluator run by validation (its best metric), or None.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        ckpt_dir: str | Path,
+        mlflow_handler: Any | None = None,
+        tracking_uri: str | None = None,
+        validator: Engine | None = None,
+        name: str = "ambiseg",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.mlflow_handler = mlflow_handler
+        self.tracking_uri = tracking_uri
+        self.validator = validator
+        self.logger = logging.getLogger(name)
+        self.finished_before = False
+        self.run_id: str | None = None
+        self._start_epoch = 0
+        self._started = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        # STARTED handlers run in attachment order: the checkpointer (first in the bundles' list) has
+        # resumed by the time this one runs
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_started(self, engine: Engine) -> None:
+        self.finished_before = training_already_finished(engine)
+        self._start_epoch = engine.state.epoch
+        self._started = time.perf_counter()
+        run = getattr(self.mlflow_handler, "cur_run", None)
+        self.run_id = None if run is None else run.info.run_id
+
+    def _on_completed(self, engine: Engine) -> None:
+        log = self.logger.info
+        ui = mlflow_ui_command(self.tracking_uri)
+        run_id = self.run_id or getattr(self.mlflow_handler, "recorded_run_id", None)
+        if self.finished_before:
+            log(
+                f"training already finished: the checkpoint in {self.ckpt_dir} is at epoch {engine.state.epoch} "
+                f"of max_epochs={engine.state.max_epochs}; nothing trained, nothing logged "
+                f"(raise --max_epochs to train longer, or set another --output_dir to train anew)"
+            )
+        else:
+            minutes, seconds = divmod(int(time.perf_counter() - self._started), 60)
+            ran = engine.state.epoch - self._start_epoch
+            resumed = f", resumed at epoch {self._start_epoch}" if self._start_epoch else ""
+            log(
+                f"training finished: epoch {engine.state.epoch}/{engine.state.max_epochs} "
+                f"({ran} epochs in {minutes} min {seconds} s{resumed})"
+            )
+        checkpoints = sorted(p.name for p in self.ckpt_dir.glob("*.pt")) if self.ckpt_dir.is_dir() else []
+        log(f"  checkpoints: {self.ckpt_dir} ({', '.join(checkpoints) or 'none'})")
+        samples = self.output_dir / "samples"
+        if samples.is_dir():
+            log(f"  samples:     {samples}")
+        state = getattr(self.validator, "state", None)
+        best, best_epoch = getattr(state, "best_metric", -1), getattr(state, "best_metric_epoch", -1)
+        key = getattr(state, "key_metric_name", None) or "key metric"
+        if best_epoch is not None and best_epoch > 0:
+            log(f"  best {key}:    {float(best):.4f} at epoch {best_epoch} (model.pt)")
+        if run_id:
+            log(f"  MLflow run:  {run_id} ({ui})")
