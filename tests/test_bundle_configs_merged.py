@@ -134,6 +134,30 @@ _PHASE_LOGGER = {
     "num_samples": "@num_val_samples",
     "split": "validation",
 }
+
+
+#: issue #18: an evaluation names each phase (N = 4, then N = 16; split, images) and ends with a summary
+#: (tables and sample images in eval_dir, the number of images, the MLflow run id and the mlflow ui command)
+def _eval_phase(label: object, num_samples: str | None = None) -> dict:
+    phase = {"_target_": "ambiseg_monai.handlers.PhaseLogger", "_disabled_": "@is_not_rank0", "label": label}
+    return {**phase, **({"num_samples": num_samples} if num_samples else {}), "split": "@eval_split"}
+
+
+_EVAL_SUMMARY = {
+    "_target_": "ambiseg_monai.handlers.RunSummary",
+    "_disabled_": "@is_not_rank0",
+    "label": "evaluation",
+    "output_dir": "@eval_dir",
+    "mlflow_handler": "@evaluate#mlflow_handler",
+    "tracking_uri": "@resolved_tracking_uri",
+    "split": "@eval_split",
+}
+#: the two phases of the bundles with an N = 4 and an N = 16 evaluator (all but consensus_diffusion)
+_EVAL_PHASES = {
+    "evaluate#n4#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n4#inferer#num_samples")),
+    "evaluate#n16#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n16#inferer#num_samples")),
+    "evaluate#n16#handlers#8": Inserted(_EVAL_SUMMARY),  # last: after the tables and grids are written
+}
 #: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
 _SOFT_DICE_5 = {
     "_target_": "ambiseg_monai.handlers.AmbiguousSegmentationMetricsHandler",
@@ -204,6 +228,20 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "evaluate#mlflow_handler#experiment_param": REMOVED,
         "evaluate#provenance_handler#params": "@eval_provenance_params",
     },
+    # issue #18: an inference names its phase (samples per image, images) and ends with the folder and the
+    # number of images written (RunSummary)
+    "inference.json": {
+        "infer#handlers#0": Inserted(
+            {
+                "_target_": "ambiseg_monai.handlers.PhaseLogger",
+                "label": "inference",
+                "num_samples": "$getattr(@infer#inferer, 'num_samples', None)",
+            }
+        ),
+        "infer#handlers#3": Inserted(
+            {"_target_": "ambiseg_monai.handlers.RunSummary", "label": "inference", "output_dir": "@inference_dir"}
+        ),
+    },
     # provenance_params: the computed values of the former experiment_param (its literals are logged anyway)
     "cimd/train.json": {
         "provenance_params": {"method": "cimd", "num_raters": "@num_raters"},
@@ -262,6 +300,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     },
     # eval_provenance_params: the former eval_experiment_param without dataset_dir and seed (literals, logged anyway)
     "cimd/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {
             "mode": "evaluate",
             "ckpt_path": "@ckpt_path",
@@ -270,6 +309,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         },
     },
     "ambdiffseg/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {
             "mode": "evaluate",
             "ckpt_path": "@ckpt_path",
@@ -298,11 +338,18 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
             "sample_values": "@sample_values",
         },
         "evaluate#additional_metrics": {"soft_dice_5": _SOFT_DICE_5},
+        # issue #18: the one evaluation phase named, the summary at the end (see _EVAL_PHASES)
+        "evaluate#handlers#0": Inserted(
+            _eval_phase("$'evaluation, ' + str(@eval_generations) + ' generations of every consensus level'")
+        ),
+        "evaluate#handlers#10": Inserted(_EVAL_SUMMARY),
     },
     "prob_unet/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
     },
     "phiseg/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
     },
 }
