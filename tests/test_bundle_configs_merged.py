@@ -11,6 +11,8 @@ Changes that are meant are listed here, each with its reason:
   applied to the snapshot before comparing. Add an entry when you rename a ``_target_`` the bundles use.
 - ``EXPRESSION_RENAMES``: likewise for a function the configs call in a ``$`` expression, and for an
   ``imports`` entry.
+- ``METRIC_RENAMES``: a published metric renamed (old name -> new name); applied to every string value of
+  the snapshot that is exactly the old name (the configs' metric lists).
 - ``INTENDED_CHANGES``: values a combination now has on purpose, by config file (``"train.json"``: every
   bundle's; ``"cimd/train.json"``: one bundle's) and id (``a#b#0`` ids allowed; ``REMOVED`` deletes the
   id), applied to the snapshot's merged config before comparing: first those of every bundle, then the
@@ -105,6 +107,12 @@ EXPRESSION_RENAMES: dict[str, str] = {
     "$import ambiseg_monai.engines.consensus": "$import ambiseg_monai.inferers",
     "$import ambiseg_monai.engines.latent_models": "$import ambiseg_monai.inferers",
     "$import ambiseg_monai.engines.continuous_training": "$import ambiseg_monai.optimizers",
+}
+
+#: old -> new name of a published metric, in the snapshot's metric lists (the snapshot predates the rename)
+METRIC_RENAMES: dict[str, str] = {
+    # issue #18: the papers' and the compare table's Dmax is published as ``dmax`` (one name; CHANGELOG)
+    "max_dice_matching": "dmax",
 }
 
 #: an ``INTENDED_CHANGES`` value: the id is gone on purpose
@@ -318,12 +326,12 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
             "inference_steps": "@eval_inference_steps",
             "relative_area_r": "@relative_area_r",
         },
-        # one metrics handler publishes ged_pp, ci_pp, max_dice_matching_pp, cross_pair_dice_pp (were four aliases)
+        # one metrics handler publishes ged_pp, ci_pp, dmax_pp, cross_pair_dice_pp (were four aliases)
         "evaluate#n4#evaluator#additional_metrics": {
-            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "dmax", "cross_pair_dice"]}
         },
         "evaluate#n16#evaluator#additional_metrics": {
-            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "dmax", "cross_pair_dice"]}
         },
     },
     "consensus_diffusion/evaluate.json": {
@@ -368,7 +376,7 @@ def _files(bundle: str, key: str) -> list[str]:
 def _expected(bundle: str, key: str) -> dict:
     """The snapshot's merged config of a combination, with the ``INTENDED_CHANGES`` of its files applied
     (``a#b#0`` ids set nested values, as in a config overlay; ``REMOVED`` deletes them)."""
-    config = json.loads(json.dumps(SNAPSHOT["bundles"][bundle][key]))
+    config = _renamed_metrics(json.loads(json.dumps(SNAPSHOT["bundles"][bundle][key])))
     for name in key.split("+"):
         for scope in (f"{name}.json", f"{bundle}/{name}.json"):
             for config_id, value in INTENDED_CHANGES.get(scope, {}).items():
@@ -384,6 +392,15 @@ def _expected(bundle: str, key: str) -> dict:
                 else:
                     target[index] = json.loads(json.dumps(value))
     return _renamed_expressions(config)
+
+
+def _renamed_metrics(value):
+    """``value`` with every string that is exactly a ``METRIC_RENAMES`` old name replaced by the new name."""
+    if isinstance(value, dict):
+        return {k: _renamed_metrics(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed_metrics(v) for v in value]
+    return METRIC_RENAMES.get(value, value) if isinstance(value, str) else value
 
 
 def _renamed_expressions(value):
