@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -53,6 +54,39 @@ TOP_LEVEL_COMMANDS: dict[str, tuple[str, str]] = {
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
+# Sphinx markup of the docstrings shown as ``--help`` text: roles (:func:`~a.b.c` -> c, :class:`a.B` -> a.B,
+# :mod:`text <target>` -> text), inline literals (``x`` -> x) and literal-block markers (Usage:: -> Usage:)
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")
+
+
+def _role_text(match: re.Match) -> str:
+    tilde, name = match.group(1), match.group(2)
+    return name.rsplit(".", 1)[-1] if tilde else name
+
+
+def plain_text(text: str) -> str:
+    """A docstring (reStructuredText) as plain text for a ``--help`` page: Sphinx roles, double backticks
+    and ``::`` literal-block markers removed; the layout (lines, indentation, bullets) kept."""
+    text = _ROLE.sub(_role_text, text)
+    text = text.replace("``", "")
+    text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)  # "Usage::" -> "Usage:"
+    text = re.sub(r"^[ \t]*::[ \t]*\n", "", text, flags=re.M)  # a line of its own "::"
+    return text.strip()
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """The description, epilog and argument help of ``parser`` (and of its subparsers) as plain text."""
+    parser.description = plain_text(parser.description) if parser.description else parser.description
+    parser.epilog = plain_text(parser.epilog) if parser.epilog else parser.epilog
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+        if isinstance(action.choices, dict):
+            for subparser in action.choices.values():
+                if isinstance(subparser, argparse.ArgumentParser):
+                    _plain_help(subparser)
+
+
 def _add_command(subparsers, name: str, module_name: str, help_text: str, configure: bool) -> None:
     """Register a subcommand; import its module (and so its dependencies) only when ``configure``."""
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -61,6 +95,7 @@ def _add_command(subparsers, name: str, module_name: str, help_text: str, config
         parser.description = (module.__doc__ or help_text).strip()
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         module.configure_parser(parser)
+        _plain_help(parser)  # docstrings and argument help are reStructuredText: shown without the markup
         parser.set_defaults(handler=module.main)
 
 

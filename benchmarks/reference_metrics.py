@@ -69,7 +69,7 @@ def _variance_extremes(masks: list, include_self_pairs: bool) -> tuple[float, fl
 
 def collective_insight(preds, raters, include_self_pairs=False, harmonic=False, rater_mask=None) -> dict:
     preds, raters = preds.astype(bool), raters.astype(bool)
-    out = {"combined_sensitivity": [], "max_dice_matching": [], "diversity_agreement": [], "ci": []}
+    out = {"combined_sensitivity": [], "dmax": [], "diversity_agreement": [], "ci": []}
     for b in range(preds.shape[0]):
         samples, gts = list(preds[b]), _real_raters(raters, rater_mask, b)
         pred_union = np.logical_or.reduce(samples)

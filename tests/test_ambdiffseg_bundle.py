@@ -125,14 +125,14 @@ def test_train_resume_evaluate_and_infer_on_demo_data(trained_run, small_demo_da
     eval_dir = tmp_path / "run" / "eval"
     for n in (4, 16):
         rows = list(csv.DictReader((eval_dir / f"n{n}_per_image.csv").open()))
-        columns = {"ged", "ged_pp", "ci", "ci_pp", "max_dice_matching", "cross_pair_dice_pp"}
+        columns = {"ged", "ged_pp", "ci", "ci_pp", "dmax", "cross_pair_dice_pp"}
         assert len(rows) == 4 and columns <= set(rows[0])
         assert all(0.0 <= float(r["ged"]) <= 2.0 and 0.0 <= float(r["ged_pp"]) <= 2.0 for r in rows)
         assert (eval_dir / f"n{n}_summary.json").is_file()
 
     runs = _mlflow_runs(tmp_path)
     training = [r for r in runs if "_eval" not in r.info.run_name]
-    logged = {"l_simple", "ged", "ged_pp", "ci", "ci_pp", "max_dice_matching"}
+    logged = {"l_simple", "ged", "ged_pp", "ci", "ci_pp", "dmax"}
     assert training and all(logged <= set(r.data.metrics) for r in training)
     assert training[0].data.params["prediction_type"] == "x"
     assert training[0].data.params["loss_weighting"] == "truncated_snr"

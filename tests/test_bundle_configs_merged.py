@@ -11,6 +11,8 @@ Changes that are meant are listed here, each with its reason:
   applied to the snapshot before comparing. Add an entry when you rename a ``_target_`` the bundles use.
 - ``EXPRESSION_RENAMES``: likewise for a function the configs call in a ``$`` expression, and for an
   ``imports`` entry.
+- ``METRIC_RENAMES``: a published metric renamed (old name -> new name); applied to every string value of
+  the snapshot that is exactly the old name (the configs' metric lists).
 - ``INTENDED_CHANGES``: values a combination now has on purpose, by config file (``"train.json"``: every
   bundle's; ``"cimd/train.json"``: one bundle's) and id (``a#b#0`` ids allowed; ``REMOVED`` deletes the
   id), applied to the snapshot's merged config before comparing: first those of every bundle, then the
@@ -107,6 +109,12 @@ EXPRESSION_RENAMES: dict[str, str] = {
     "$import ambiseg_monai.engines.continuous_training": "$import ambiseg_monai.optimizers",
 }
 
+#: old -> new name of a published metric, in the snapshot's metric lists (the snapshot predates the rename)
+METRIC_RENAMES: dict[str, str] = {
+    # issue #18: the papers' and the compare table's Dmax is published as ``dmax`` (one name; CHANGELOG)
+    "max_dice_matching": "dmax",
+}
+
 #: an ``INTENDED_CHANGES`` value: the id is gone on purpose
 REMOVED = object()
 
@@ -133,6 +141,30 @@ _PHASE_LOGGER = {
     "label": "validation",
     "num_samples": "@num_val_samples",
     "split": "validation",
+}
+
+
+#: issue #18: an evaluation names each phase (N = 4, then N = 16; split, images) and ends with a summary
+#: (tables and sample images in eval_dir, the number of images, the MLflow run id and the mlflow ui command)
+def _eval_phase(label: object, num_samples: str | None = None) -> dict:
+    phase = {"_target_": "ambiseg_monai.handlers.PhaseLogger", "_disabled_": "@is_not_rank0", "label": label}
+    return {**phase, **({"num_samples": num_samples} if num_samples else {}), "split": "@eval_split"}
+
+
+_EVAL_SUMMARY = {
+    "_target_": "ambiseg_monai.handlers.RunSummary",
+    "_disabled_": "@is_not_rank0",
+    "label": "evaluation",
+    "output_dir": "@eval_dir",
+    "mlflow_handler": "@evaluate#mlflow_handler",
+    "tracking_uri": "@resolved_tracking_uri",
+    "split": "@eval_split",
+}
+#: the two phases of the bundles with an N = 4 and an N = 16 evaluator (all but consensus_diffusion)
+_EVAL_PHASES = {
+    "evaluate#n4#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n4#inferer#num_samples")),
+    "evaluate#n16#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n16#inferer#num_samples")),
+    "evaluate#n16#handlers#8": Inserted(_EVAL_SUMMARY),  # last: after the tables and grids are written
 }
 #: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
 _SOFT_DICE_5 = {
@@ -204,6 +236,20 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "evaluate#mlflow_handler#experiment_param": REMOVED,
         "evaluate#provenance_handler#params": "@eval_provenance_params",
     },
+    # issue #18: an inference names its phase (samples per image, images) and ends with the folder and the
+    # number of images written (RunSummary)
+    "inference.json": {
+        "infer#handlers#0": Inserted(
+            {
+                "_target_": "ambiseg_monai.handlers.PhaseLogger",
+                "label": "inference",
+                "num_samples": "$getattr(@infer#inferer, 'num_samples', None)",
+            }
+        ),
+        "infer#handlers#3": Inserted(
+            {"_target_": "ambiseg_monai.handlers.RunSummary", "label": "inference", "output_dir": "@inference_dir"}
+        ),
+    },
     # provenance_params: the computed values of the former experiment_param (its literals are logged anyway)
     "cimd/train.json": {
         "provenance_params": {"method": "cimd", "num_raters": "@num_raters"},
@@ -262,6 +308,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     },
     # eval_provenance_params: the former eval_experiment_param without dataset_dir and seed (literals, logged anyway)
     "cimd/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {
             "mode": "evaluate",
             "ckpt_path": "@ckpt_path",
@@ -270,6 +317,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         },
     },
     "ambdiffseg/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {
             "mode": "evaluate",
             "ckpt_path": "@ckpt_path",
@@ -278,12 +326,12 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
             "inference_steps": "@eval_inference_steps",
             "relative_area_r": "@relative_area_r",
         },
-        # one metrics handler publishes ged_pp, ci_pp, max_dice_matching_pp, cross_pair_dice_pp (were four aliases)
+        # one metrics handler publishes ged_pp, ci_pp, dmax_pp, cross_pair_dice_pp (were four aliases)
         "evaluate#n4#evaluator#additional_metrics": {
-            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "dmax", "cross_pair_dice"]}
         },
         "evaluate#n16#evaluator#additional_metrics": {
-            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "max_dice_matching", "cross_pair_dice"]}
+            "ged_pp": {**_PP_METRICS, "metrics": ["ged", "ci", "dmax", "cross_pair_dice"]}
         },
     },
     "consensus_diffusion/evaluate.json": {
@@ -298,11 +346,18 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
             "sample_values": "@sample_values",
         },
         "evaluate#additional_metrics": {"soft_dice_5": _SOFT_DICE_5},
+        # issue #18: the one evaluation phase named, the summary at the end (see _EVAL_PHASES)
+        "evaluate#handlers#0": Inserted(
+            _eval_phase("$'evaluation, ' + str(@eval_generations) + ' generations of every consensus level'")
+        ),
+        "evaluate#handlers#10": Inserted(_EVAL_SUMMARY),
     },
     "prob_unet/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
     },
     "phiseg/evaluate.json": {
+        **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
     },
 }
@@ -321,7 +376,7 @@ def _files(bundle: str, key: str) -> list[str]:
 def _expected(bundle: str, key: str) -> dict:
     """The snapshot's merged config of a combination, with the ``INTENDED_CHANGES`` of its files applied
     (``a#b#0`` ids set nested values, as in a config overlay; ``REMOVED`` deletes them)."""
-    config = json.loads(json.dumps(SNAPSHOT["bundles"][bundle][key]))
+    config = _renamed_metrics(json.loads(json.dumps(SNAPSHOT["bundles"][bundle][key])))
     for name in key.split("+"):
         for scope in (f"{name}.json", f"{bundle}/{name}.json"):
             for config_id, value in INTENDED_CHANGES.get(scope, {}).items():
@@ -337,6 +392,15 @@ def _expected(bundle: str, key: str) -> dict:
                 else:
                     target[index] = json.loads(json.dumps(value))
     return _renamed_expressions(config)
+
+
+def _renamed_metrics(value):
+    """``value`` with every string that is exactly a ``METRIC_RENAMES`` old name replaced by the new name."""
+    if isinstance(value, dict):
+        return {k: _renamed_metrics(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed_metrics(v) for v in value]
+    return METRIC_RENAMES.get(value, value) if isinstance(value, str) else value
 
 
 def _renamed_expressions(value):

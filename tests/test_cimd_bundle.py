@@ -64,7 +64,7 @@ def test_training_writes_checkpoints_samples_and_mlflow_run(trained):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert {"l_simple", "l_vlb", "l_amb", "loss", "ged", "ci", "max_dice_matching"} <= set(run.data.metrics)
+    assert {"l_simple", "l_vlb", "l_amb", "loss", "ged", "ci", "dmax"} <= set(run.data.metrics)
     assert run.data.params["vlb_weight"] == "0.001" and run.data.params["num_train_timesteps"] == "20"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert artifacts == ["samples/samples_epoch0001.png"]
@@ -89,7 +89,7 @@ def test_evaluate_writes_per_image_tables_for_4_and_16_samples(trained, small_de
         with open(eval_dir / f"n{n}_per_image.csv", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         assert [r["case_id"] for r in rows] == test_ids
-        assert {"ged", "ci", "combined_sensitivity", "max_dice_matching", "diversity_agreement"} <= set(rows[0])
+        assert {"ged", "ci", "combined_sensitivity", "dmax", "diversity_agreement"} <= set(rows[0])
         summary = json.loads((eval_dir / f"n{n}_summary.json").read_text())
         mean_ged = np.mean([float(r["ged"]) for r in rows])
         assert summary["ged"]["mean"] == pytest.approx(mean_ged, abs=1e-5)

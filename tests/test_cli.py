@@ -85,3 +85,36 @@ def test_sync_copies_offline_runs_into_another_store(tmp_path, capsys):
     assert [run.data.metrics["ged"] for run in runs] == [0.5]
     assert main(["sync", "--from", source, "--to", destination]) == 0  # nothing new the second time
     assert "0 run(s) copied" in capsys.readouterr().out
+
+
+HELP_COMMANDS = [
+    *(["prepare", name] for name in ("demo", "lidc", "lidc-pickle", "folder", "ms-isbi2015", "qubiq")),
+    *([name] for name in ("compare", "export", "merge-configs", "sync")),
+]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
+def test_help_pages_are_plain_text(command, capsys):
+    """The --help pages show the modules' docstrings without their Sphinx markup (issue #18)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    page = capsys.readouterr().out
+    assert page.startswith(f"usage: ambiseg {' '.join(command)}")
+    for markup in (":func:", ":class:", ":mod:", ":meth:", "``"):
+        assert markup not in page, f"ambiseg {' '.join(command)} --help shows {markup}"
+    assert not [line for line in page.splitlines() if line.rstrip().endswith("::")]
+
+
+def test_plain_text_strips_roles_and_literals():
+    from ambiseg_monai.cli import plain_text
+
+    text = "Written by :func:`~a.b.write` into :class:`a.B` (:mod:`the module <a.c>`), ``x + 1``.\n\nUsage::\n"
+    assert plain_text(text) == "Written by write into a.B (the module), x + 1.\n\nUsage:"
+
+
+def test_export_help_names_the_checkpoint_the_training_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    page = capsys.readouterr().out
+    assert "runs/cimd/models/model.pt" in page and "runs/cimd/model.pt" not in page

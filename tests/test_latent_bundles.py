@@ -23,7 +23,7 @@ from ambiseg_monai.networks.phiseg import PHiSeg
 from ambiseg_monai.networks.prob_unet import ProbabilisticUNet
 
 METHODS = ("prob_unet", "phiseg")
-METRICS_LOGGED = ("ged", "ci", "max_dice_matching", "combined_sensitivity", "diversity_agreement", "sample_diversity")
+METRICS_LOGGED = ("ged", "ci", "dmax", "combined_sensitivity", "diversity_agreement", "sample_diversity")
 # the networks of latent_overrides' small settings, to load the saved weights into
 SMALL_NETWORKS = {
     "prob_unet": lambda: ProbabilisticUNet(channels=(8, 16), num_res_units=1),
@@ -123,7 +123,7 @@ def test_evaluate_writes_per_image_tables_for_4_and_16_samples(trained, small_de
         assert list(eval_dir.glob(f"n{n}_samples*.png"))
     evaluation = [r for r in mlflow_runs(root, method) if "test_n16_ged" in r.data.metrics]
     assert len(evaluation) == 1
-    assert {"test_n4_ged", "test_n4_ci", "test_n16_max_dice_matching"} <= set(evaluation[0].data.metrics)
+    assert {"test_n4_ged", "test_n4_ci", "test_n16_dmax"} <= set(evaluation[0].data.metrics)
 
 
 def test_inference_writes_samples_mean_and_variance_nifti(trained, small_demo_dataset):

@@ -54,7 +54,7 @@ CASES = {
             "ged": 2 * 13 / 24 - 1 / 3 - 1 / 4,
             "sample_diversity": 1 / 3,
             "combined_sensitivity": 1.0,  # union preds [1,1,1,0] covers union raters [1,1,0,0]
-            "max_dice_matching": (1 + 2 / 3) / 2,
+            "dmax": (1 + 2 / 3) / 2,
             "diversity_agreement": 1 - (abs(3 / 16 - 1 / 2) + abs(3 / 16 - 1 / 2)) / 2,
             "ci": 15 / 22,
             "soft_dice": (5 * (4 + S) / (5 + S) + 4 * S / (2 + S)) / 9,  # soft pred [.5,1,.5,0], soft GT [1,.5,0,0]
@@ -72,7 +72,7 @@ CASES = {
             "ged": 0.0,
             "sample_diversity": 0.0,
             "combined_sensitivity": 1.0,
-            "max_dice_matching": 1.0,
+            "dmax": 1.0,
             "diversity_agreement": 1.0,
             "ci": 1.0,
             "soft_dice": 1.0,
@@ -89,7 +89,7 @@ CASES = {
             "ged": 2 * 1 - 1 / 3 - 0,
             "sample_diversity": 1 / 3,
             "combined_sensitivity": 1.0,  # empty GT union
-            "max_dice_matching": 0.0,
+            "dmax": 0.0,
             "diversity_agreement": 1 - (1 / 2 + 1 / 2) / 2,
             "ci": 0.0,
             "soft_dice": (5 * S / (3 + S) + 4 * S / (1 + S)) / 9,
@@ -106,7 +106,7 @@ CASES = {
             "ged": 2 * 1 - 0 - 1 / 4,
             "sample_diversity": 0.0,
             "combined_sensitivity": 0.0,
-            "max_dice_matching": 0.0,
+            "dmax": 0.0,
             "diversity_agreement": 1 - (3 / 16 + 3 / 16) / 2,
             "ci": 0.0,
             "soft_dice": (5 * S / (2 + S) + 4 * S / (1 + S)) / 9,
@@ -123,7 +123,7 @@ CASES = {
             "ged": 2 * (0 + 2 / 3) / 2 - 1 / 3 - 0,
             "sample_diversity": 1 / 3,
             "combined_sensitivity": 1.0,
-            "max_dice_matching": 1.0,
+            "dmax": 1.0,
             "diversity_agreement": 1 - (1 / 2 + 1 / 2) / 2,  # one rater: V_min = V_max = 0
             "ci": ci_printed(1.0, 1.0, 0.5),
             "soft_dice": (5 * (4 + S) / (5 + S) + 4 * (2 + S) / (3 + S)) / 9,
@@ -140,7 +140,7 @@ CASES = {
             "ged": 2 * (0 + 1 / 2) / 2 - 0 - 1 / 4,
             "sample_diversity": 0.0,
             "combined_sensitivity": 1.0,
-            "max_dice_matching": (1 + 2 / 3) / 2,
+            "dmax": (1 + 2 / 3) / 2,
             "diversity_agreement": 1 - (3 / 16 + 3 / 16) / 2,
             "ci": ci_printed(1.0, 5 / 6, 1 - 3 / 16),
             # soft pred = p1; soft GT [1,.5,0,0]: τ <= .5 -> both [1,1,0,0]; τ > .5 -> [1,1,0,0] vs [1,0,0,0]
@@ -210,7 +210,7 @@ def test_collective_insight_options():
     assert value(harmonic["ci"]) == pytest.approx(165 / 201)
     assert value(default["ci"]) == pytest.approx(15 / 22)
     # the components do not depend on the combination rule
-    for key in ("combined_sensitivity", "max_dice_matching", "diversity_agreement"):
+    for key in ("combined_sensitivity", "dmax", "diversity_agreement"):
         assert value(harmonic[key]) == value(default[key])
     # harmonic mean with a zero component is 0
     zero = collective_insight(*CASES["only_preds_empty"][:2], harmonic=True)
@@ -262,7 +262,7 @@ def test_rater_mask_ignores_padding_channels():
         assert value(got[name]) == pytest.approx(want, abs=1e-7), name
     # without the mask the padding channel would count as an (empty) rater and change the result
     unmasked = ambiguous_segmentation_metrics(preds, padded)
-    assert value(unmasked["max_dice_matching"]) != pytest.approx(expected["max_dice_matching"])
+    assert value(unmasked["dmax"]) != pytest.approx(expected["dmax"])
     # every functional entry point honours the mask
     assert value(generalized_energy_distance(preds, padded, rater_mask=mask)) == pytest.approx(expected["ged"])
     assert value(hungarian_matched_iou(preds, padded, rater_mask=mask)) == pytest.approx(expected["hm_iou"])

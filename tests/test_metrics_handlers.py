@@ -128,7 +128,7 @@ def _bundle_metrics(bundle: str, files: list[str], config_id: str) -> dict:
         (
             ["train.json", "evaluate.json"],
             "evaluate#n4#additional_metrics",
-            {"ged_pp", "ci_pp", "max_dice_matching_pp", "cross_pair_dice_pp"},
+            {"ged_pp", "ci_pp", "dmax_pp", "cross_pair_dice_pp"},
         ),
     ],
 )

@@ -105,8 +105,8 @@ def store(tmp_path_factory, empty_db):
 
 
 def test_metric_key_round_trip_and_bad_names():
-    assert naming.evaluation_metric_key("max_dice_matching", 16) == "test_n16_max_dice_matching"
-    assert naming.parse_evaluation_metric_key("test_n16_max_dice_matching") == ("max_dice_matching", 16)
+    assert naming.evaluation_metric_key("dmax", 16) == "test_n16_dmax"
+    assert naming.parse_evaluation_metric_key("test_n16_dmax") == ("dmax", 16)
     assert naming.parse_evaluation_metric_key("train_loss") is None
     assert naming.parse_evaluation_metric_key("val_n4_ged") is None
     assert naming.per_image_csv_name(4) == "n4_per_image.csv"

@@ -1,5 +1,6 @@
 """What the README's main command prints (issue #18): no warning, one line per epoch, labelled validation, a
-summary; a finished training run again says so and logs nothing; a resumed training continues its MLflow run.
+summary; a finished training run again says so and logs nothing; a resumed training continues its MLflow run;
+an evaluation names its N = 4 and N = 16 phases and ends with a summary, and so does an inference.
 
 The command is run as the README runs it (``python -m monai.bundle run training --config_file
 bundles/cimd/configs/train.json``, from the repository root) with a tiny budget, as a subprocess, so that
@@ -103,3 +104,44 @@ def test_resumed_training_continues_its_mlflow_run(three_runs):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
     assert [m.step for m in client.get_metric_history(run_id, "ged")] == [1, 2]
     assert json.loads((root / "run" / "mlflow_run.json").read_text())["run_id"] == run_id
+
+
+@pytest.fixture(scope="module")
+def evaluation_and_inference(small_demo_dataset, tmp_path_factory):
+    """The main command (1 epoch), then evaluate.json and inference.json on its checkpoint."""
+    root = tmp_path_factory.mktemp("evaluate_command")
+    _run(_main_command(root, small_demo_dataset))
+    outputs = []
+    for config, run_id in (("evaluate.json", "evaluating"), ("inference.json", "inferring")):
+        args = _main_command(root, small_demo_dataset, num_inference_samples=2, inference_steps=2)
+        files = json.dumps([MAIN_CONFIG, MAIN_CONFIG.replace("train.json", config)])
+        args[args.index("training")] = run_id
+        args[args.index(MAIN_CONFIG)] = files
+        outputs.append(_run(args))
+    return root, outputs
+
+
+def test_evaluation_names_both_phases_and_ends_with_the_summary(evaluation_and_inference):
+    root, (evaluation, _) = evaluation_and_inference
+    lines = [line for line in evaluation.splitlines() if line.strip()]
+    phases = [line.split(" - INFO - ", 1)[-1] for line in lines if " - ambiseg - INFO - evaluation (" in line]
+    assert phases == [
+        "evaluation (N = 4 samples per image, 4 images of split 'test')",
+        "evaluation (N = 16 samples per image, 4 images of split 'test')",
+    ]
+    # Ignite's engine lines repeat what the phase lines and the summary say (logging.conf: WARNING)
+    assert not any("Engine run resuming" in line or "Got new best metric" in line for line in lines)
+    summary = "\n".join(lines[-4:])
+    assert "evaluation finished: 4 images of split 'test'" in summary
+    assert f"tables:      {root / 'run' / 'eval'} (" in summary and "n16_per_image.csv" in summary
+    eval_runs = [r for r in _runs(root) if "_eval" in r.info.run_name]
+    assert len(eval_runs) == 1 and f"MLflow run:  {eval_runs[0].info.run_id}" in summary, summary
+    assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlruns.db'}" in lines[-1]
+
+
+def test_inference_names_its_phase_and_ends_with_the_folder_written(evaluation_and_inference):
+    root, (_, inference) = evaluation_and_inference
+    lines = [line.split(" - INFO - ", 1)[-1] for line in inference.splitlines() if line.strip()]
+    assert "inference (N = 2 samples per image, 4 images)" in lines
+    assert "inference finished: 4 images" in lines[-2]
+    assert lines[-1].startswith(f"  NIfTI:       {root / 'run' / 'inference'} (")

@@ -1,6 +1,6 @@
 """Export a trained bundle as one TorchScript file with its configs and metadata embedded.
 
-``ambiseg export --bundle-root bundles/cimd --ckpt-file runs/cimd/model.pt --out model.ts``
+``ambiseg export --bundle-root bundles/cimd --ckpt-file runs/cimd/models/model.pt --out model.ts``
 
 The bundle's ``network_def`` is built from its inference config, the checkpoint loaded, and the
 network traced (``torch.jit.trace``: ``DiffusionModelUNet`` cannot be scripted):

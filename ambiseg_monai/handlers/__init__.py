@@ -1,6 +1,6 @@
 """Ignite handlers: the metric handler, per-image tables and sample writers, MLflow tracking (provenance,
 prefixed metrics, a failure-tolerant ``MLFlowHandler``), loss-term logging, checkpoints, guards, PNG grids,
-progress (epoch lines, progress bar, phase labels, the training's summary)."""
+progress (epoch lines, progress bar, phase labels, the summaries of a training, an evaluation, an inference)."""
 
 import ambiseg_monai.handlers.checkpoint as _checkpoint
 import ambiseg_monai.handlers.generation_curve as _generation_curve

@@ -1,4 +1,4 @@
-"""What a training prints: one line per epoch, a progress bar, labelled validation, a final summary.
+"""What a run prints: one line per epoch, a progress bar, labelled phases, a final summary.
 
 - :class:`EpochLossLogger`: one line per epoch with the epoch's mean loss terms and its time, and a tqdm
   progress bar over the epoch's iterations with the running loss (only when stderr is a terminal: logs and
@@ -9,6 +9,9 @@
 - :class:`TrainingSummary`: at the end of a training, where the checkpoints and samples went, the best
   metric, the MLflow run id and the ``mlflow ui`` command; on the re-run of a finished training, that it is
   finished (nothing was trained, nothing logged).
+- :class:`RunSummary`: at the end of an evaluation or an inference, how many images, the folder its tables,
+  sample images and NIfTI files went to, and for an evaluation the MLflow run id and the ``mlflow ui``
+  command.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["EpochLossLogger", "PhaseLogger", "TrainingSummary", "training_already_finished", "mlflow_ui_command"]
+__all__ = [
+    "EpochLossLogger",
+    "PhaseLogger",
+    "RunSummary",
+    "TrainingSummary",
+    "training_already_finished",
+    "mlflow_ui_command",
+]
 
 logger = logging.getLogger("ambiseg")
 
@@ -38,6 +48,20 @@ def mlflow_ui_command(tracking_uri: str | None) -> str:
     if tracking_uri and tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri else "mlflow ui"
+
+
+def _mlflow_run_line(mlflow_handler: Any | None, run_id: str | None, tracking_uri: str | None) -> str | None:
+    """The summary's ``  MLflow run:  <id> (mlflow ui ...)`` line, or None without a run."""
+    if run_id is None:
+        run = getattr(mlflow_handler, "cur_run", None)
+        run_id = None if run is None else run.info.run_id
+    run_id = run_id or getattr(mlflow_handler, "recorded_run_id", None)
+    return f"  MLflow run:  {run_id} ({mlflow_ui_command(tracking_uri)})" if run_id else None
+
+
+def _dataset_size(engine: Engine) -> int | None:
+    dataset = getattr(engine.state.dataloader, "dataset", None)
+    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
 
 def _format_terms(terms: Mapping[str, float]) -> str:
@@ -107,7 +131,8 @@ class EpochLossLogger:
 class PhaseLogger:
     """Name a validation or evaluation phase when its engine starts.
 
-    ``validation after epoch 10 (N = 4 samples per image, 16 images of split 'validation')``
+    ``validation after epoch 10 (N = 4 samples per image, 16 images of split 'validation')``,
+    ``evaluation (N = 16 samples per image, 16 images of split 'test')``
 
     Args:
         label: the phase (``validation``, ``evaluation N = 16``, ``inference``).
@@ -126,13 +151,12 @@ class PhaseLogger:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        loader = engine.state.dataloader
-        dataset = getattr(loader, "dataset", None)
+        size = _dataset_size(engine)
         parts = []
         if self.num_samples is not None:
             parts.append(f"N = {int(self.num_samples)} samples per image")
-        if dataset is not None and hasattr(dataset, "__len__"):
-            images = f"{len(dataset)} images"
+        if size is not None:
+            images = f"{size} images"
             parts.append(images + (f" of split '{self.split}'" if self.split else ""))
         elif self.split:
             parts.append(f"split '{self.split}'")
@@ -190,8 +214,6 @@ class TrainingSummary:
 
     def _on_completed(self, engine: Engine) -> None:
         log = self.logger.info
-        ui = mlflow_ui_command(self.tracking_uri)
-        run_id = self.run_id or getattr(self.mlflow_handler, "recorded_run_id", None)
         if self.finished_before:
             log(
                 f"training already finished: the checkpoint in {self.ckpt_dir} is at epoch {engine.state.epoch} "
@@ -216,5 +238,84 @@ class TrainingSummary:
         key = getattr(state, "key_metric_name", None) or "key metric"
         if best_epoch is not None and best_epoch > 0:
             log(f"  best {key}:    {float(best):.4f} at epoch {best_epoch} (model.pt)")
-        if run_id:
-            log(f"  MLflow run:  {run_id} ({ui})")
+        run_line = _mlflow_run_line(self.mlflow_handler, self.run_id, self.tracking_uri)
+        if run_line:
+            log(run_line)
+
+
+#: file kinds a :class:`RunSummary` lists: (label, name endings)
+_OUTPUT_KINDS = (
+    ("tables", (".csv", ".json")),
+    ("images", (".png", ".jpg", ".gif")),
+    ("NIfTI", (".nii", ".nii.gz")),
+)
+
+
+class RunSummary:
+    """At the end of an evaluation or an inference: how many images, where its files went, the MLflow run.
+
+    ::
+
+        evaluation finished: 16 images of split 'test'
+          tables:      runs/cimd/eval (n16_per_image.csv, n16_summary.json, n4_per_image.csv, ...)
+          images:      runs/cimd/eval (2 files)
+          MLflow run:  0123abcd (mlflow ui --backend-store-uri sqlite:///mlruns.db)
+
+    Only the files of ``output_dir`` written since the handler was built (the start of the run) are listed.
+    Attach it to the last engine of the run (an evaluation's last phase), last in its handler list.
+
+    Args:
+        label: the run (``evaluation``, ``inference``).
+        output_dir: the folder the run writes to.
+        mlflow_handler: the run's MLflow handler (its run id), or None.
+        tracking_uri: the tracking store (for the ``mlflow ui`` command).
+        split: the dataset split the images come from (None: not said).
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        output_dir: str | Path,
+        mlflow_handler: Any | None = None,
+        tracking_uri: str | None = None,
+        split: str | None = None,
+        name: str = "ambiseg",
+    ) -> None:
+        self.label = label
+        self.output_dir = Path(output_dir)
+        self.mlflow_handler = mlflow_handler
+        self.tracking_uri = tracking_uri
+        self.split = split
+        self.logger = logging.getLogger(name)
+        self._since = time.time() - 2.0  # file systems with coarse modification times
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _written(self) -> list[Path]:
+        if not self.output_dir.is_dir():
+            return []
+        return sorted(p for p in self.output_dir.rglob("*") if p.is_file() and p.stat().st_mtime >= self._since)
+
+    def __call__(self, engine: Engine) -> None:
+        log = self.logger.info
+        size = _dataset_size(engine)
+        images = "" if size is None else f": {size} images" + (f" of split '{self.split}'" if self.split else "")
+        log(f"{self.label} finished{images}")
+        written = self._written()
+        for kind, endings in _OUTPUT_KINDS:
+            files = [p for p in written if p.name.endswith(endings)]
+            if not files:
+                continue
+            if kind == "tables":
+                names = ", ".join(str(p.relative_to(self.output_dir)) for p in files[:6])
+                listing = f"{names}, ..." if len(files) > 6 else names
+            else:
+                listing = f"{len(files)} files"
+            log(f"  {kind + ':':<12} {self.output_dir} ({listing})")
+        if not written:
+            log(f"  nothing written to {self.output_dir}")
+        run_line = _mlflow_run_line(self.mlflow_handler, None, self.tracking_uri)
+        if run_line:
+            log(run_line)

@@ -25,12 +25,12 @@ __all__ = [
     "CI_KEYS",
     "collective_insight",
     "combined_sensitivity_from_overlaps",
-    "max_dice_matching_from_overlaps",
+    "dmax_from_overlaps",
     "diversity_agreement_from_overlaps",
     "ci_from_components",
 ]
 
-CI_KEYS = ("combined_sensitivity", "max_dice_matching", "diversity_agreement", "ci")
+CI_KEYS = ("combined_sensitivity", "dmax", "diversity_agreement", "ci")
 
 
 def combined_sensitivity_from_overlaps(overlaps: MaskSetOverlaps) -> torch.Tensor:
@@ -42,7 +42,7 @@ def combined_sensitivity_from_overlaps(overlaps: MaskSetOverlaps) -> torch.Tenso
     return torch.where(gt_area > 0, true_positive / gt_area.clamp_min(1), torch.ones_like(gt_area))
 
 
-def max_dice_matching_from_overlaps(overlaps: MaskSetOverlaps) -> torch.Tensor:
+def dmax_from_overlaps(overlaps: MaskSetOverlaps) -> torch.Tensor:
     """B values of ``D_max``: best Dice over predictions for each real rater, averaged over raters."""
     best_per_rater = overlaps.dice_pred_rater().amax(dim=1)  # B x M
     return masked_mean(best_per_rater, overlaps.rater_mask, dim=1)
@@ -104,13 +104,13 @@ def collective_insight(
         rater_mask: optional B x M bool marking real raters (padding channels are ignored).
 
     Returns:
-        dict with B float64 tensors under ``combined_sensitivity``, ``max_dice_matching``,
+        dict with B float64 tensors under ``combined_sensitivity``, ``dmax``,
         ``diversity_agreement`` and ``ci`` (all higher is better, in [0, 1]).
     """
     preds, raters, mask = check_preds_and_raters(preds, raters, rater_mask)
     overlaps = MaskSetOverlaps.from_masks(preds, raters, mask)
     sensitivity = combined_sensitivity_from_overlaps(overlaps)
-    dice_matching = max_dice_matching_from_overlaps(overlaps)
+    dice_matching = dmax_from_overlaps(overlaps)
     agreement = diversity_agreement_from_overlaps(overlaps, include_self_pairs)
     ci = ci_from_components(sensitivity, dice_matching, agreement, harmonic)
     return dict(zip(CI_KEYS, (sensitivity, dice_matching, agreement, ci), strict=True))

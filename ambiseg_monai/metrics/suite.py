@@ -20,7 +20,7 @@ from ambiseg_monai.metrics.collective_insight import (
     ci_from_components,
     combined_sensitivity_from_overlaps,
     diversity_agreement_from_overlaps,
-    max_dice_matching_from_overlaps,
+    dmax_from_overlaps,
 )
 from ambiseg_monai.metrics.energy_distance import (
     generalized_energy_distance_from_overlaps,
@@ -49,7 +49,7 @@ METRIC_NAMES = (
     "ged",
     "sample_diversity",
     "combined_sensitivity",
-    "max_dice_matching",
+    "dmax",
     "diversity_agreement",
     "ci",
     "soft_dice",
@@ -62,7 +62,7 @@ METRIC_NAMES = (
 DEFAULT_HANDLER_METRICS = METRIC_NAMES[:8]
 #: Keyword options of :func:`ambiguous_segmentation_metrics` (and of the classes built on it).
 METRIC_OPTIONS = ("unbiased", "include_self_pairs", "harmonic", "thresholds", "eps", "images_per_chunk")
-_CI_PARTS = {"combined_sensitivity", "max_dice_matching", "diversity_agreement", "ci"}
+_CI_PARTS = {"combined_sensitivity", "dmax", "diversity_agreement", "ci"}
 
 
 def _check_names(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -91,10 +91,10 @@ def _metrics_of_chunk(
         results["sample_diversity"] = sample_diversity_from_overlaps(overlaps, options["unbiased"])
     if _CI_PARTS & set(names):
         sensitivity = combined_sensitivity_from_overlaps(overlaps)
-        dice_matching = max_dice_matching_from_overlaps(overlaps)
+        dice_matching = dmax_from_overlaps(overlaps)
         agreement = diversity_agreement_from_overlaps(overlaps, options["include_self_pairs"])
         results["combined_sensitivity"] = sensitivity
-        results["max_dice_matching"] = dice_matching
+        results["dmax"] = dice_matching
         results["diversity_agreement"] = agreement
         results["ci"] = ci_from_components(sensitivity, dice_matching, agreement, options["harmonic"])
     if "soft_dice" in names:

@@ -53,7 +53,7 @@ REPORT_METRICS = (
     "ged",
     "ci",
     "combined_sensitivity",
-    "max_dice_matching",
+    "dmax",
     "diversity_agreement",
     "soft_dice",
     "hm_iou",
@@ -66,7 +66,7 @@ METRIC_LABELS = {
     "ged": "GED",
     "ci": "CI",
     "combined_sensitivity": "S_c",
-    "max_dice_matching": "D_max",
+    "dmax": "D_max",
     "diversity_agreement": "D_a",
     "soft_dice": "soft Dice",
     "hm_iou": "HM-IoU",
@@ -132,5 +132,5 @@ def parse_per_image_csv_name(name: str) -> int | None:
 
 
 def metric_label(metric: str) -> str:
-    """Human-readable label of a metric (``max_dice_matching`` -> ``D_max``)."""
+    """Human-readable label of a metric (``dmax`` -> ``D_max``)."""
     return METRIC_LABELS.get(metric, metric)

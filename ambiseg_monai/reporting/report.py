@@ -129,7 +129,7 @@ _CURVE_METRIC_ORDER = (
     "soft_dice",
     "hm_iou",
     "combined_sensitivity",
-    "max_dice_matching",
+    "dmax",
     "diversity_agreement",
 )
 
