@@ -82,11 +82,6 @@ def _lobes(batch: dict, i: int):
             yield batch["truth_regions"][i, lobe] > 0.5, float(batch["truth_region_probabilities"][i, lobe])
 
 
-def _logit(q: torch.Tensor) -> torch.Tensor:
-    q = q.clamp(1e-3, 1 - 1e-3)
-    return torch.log(q) - torch.log1p(-q)
-
-
 def calibration(network, scheduler, loader, times: Sequence[float], draws: int, seed: int) -> list[dict]:
     """Per time: the logit slope of the network's lobe posterior on the oracle's, mean |Δq|, mean q per p."""
     generator = torch.Generator().manual_seed(seed)
@@ -121,7 +116,7 @@ def calibration(network, scheduler, loader, times: Sequence[float], draws: int, 
         undecided = (q_exact > 0.02) & (q_exact < 0.98)
         slope = float("nan")
         if int(undecided.sum()) > 10:
-            x, y = _logit(q_exact[undecided]), _logit(q_net[undecided])
+            x, y = torch.logit(q_exact[undecided], eps=1e-3), torch.logit(q_net[undecided], eps=1e-3)
             slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
         row = {"t": t, "logit_slope": round(slope, 2), "undecided": int(undecided.sum()),
                "mean_abs_dq": round(float((q_net - q_exact).abs().mean()), 3)}  # fmt: skip

@@ -96,7 +96,7 @@ class LossWeighting:
                     f"times_neg_dlogsnr_dt needs a continuous-time schedule; {type(schedule).__name__} has no logsnr."
                 )
             gamma = torch.as_tensor(schedule.signal_variance(t)).double()
-            logsnr = torch.log(gamma) - torch.log1p(-gamma)
+            logsnr = torch.logit(gamma)  # log(α² / (1 - α²))
         weights = loss_weight(logsnr, self.weighting, self.sigmoid_bias)
         if self.times_neg_dlogsnr_dt:
             weights = weights * -schedule.dlogsnr_dt(t)
