@@ -67,6 +67,7 @@ DROPPED_HANDLERS = (
     "mlflow_handler",
     "ProvenanceHandler",
     "CheckpointSaver",
+    "TrainingSummary",  # it names the MLflow run and the validator: both would be built for nothing
 )
 
 
