@@ -187,14 +187,20 @@ def plot_metric_vs_samples(
 _STEP_UNITS = ("iteration", "epoch", "step")
 
 
+def _spans_decades(values: pd.Series) -> bool:
+    """Whether ``values`` are positive and cover at least a factor of 10 (a log axis helps)."""
+    return bool((values > 0).all() and values.max() >= 10 * values.min())
+
+
 def training_curves_figure(curves: pd.DataFrame) -> Figure:
     """Training curves: a metric's value against its step, a line per run, coloured by method.
 
     Per-iteration values (the loss, its terms, the learning rate) get one panel per method, on a log
-    scale when positive: the methods optimise different objectives on different scales, and an early
-    spike would flatten the rest of a curve. Per-epoch values (the validation metrics) share one panel
-    per key, so the methods are compared directly. Each panel's x axis is labelled with its unit
-    (iteration, epoch, or step for runs without a training loss); per-iteration panels come first.
+    scale when they are positive and span a decade or more: the methods optimise different objectives
+    on different scales, and an early value or a spike would flatten the rest of a curve. Per-epoch
+    values (the validation metrics) share one panel per key, so the methods are compared directly. Each
+    panel's x axis is labelled with its unit (iteration, epoch, or step for runs without a training
+    loss); per-iteration panels come first.
 
     Args:
         curves: long table with columns ``method, run_name, key, step, value`` and ``unit``
@@ -232,7 +238,7 @@ def training_curves_figure(curves: pd.DataFrame) -> Figure:
                 linewidth=1.2,
                 marker="." if len(run_part) < 30 else None,
             )
-        if unit == "iteration" and (part["value"] > 0).all():
+        if unit == "iteration" and _spans_decades(part["value"]):
             axis.set_yscale("log")
         axis.set_title(key if method is None else f"{key} · {method}", fontsize=10)
         axis.set_xlabel(unit, fontsize=8)
