@@ -62,18 +62,18 @@ class ComparisonReport:
         runs: the per-run values the table summarises (one row per run and N).
         curves: training-curve points (``method, run_name, run_id, key, unit, step, value``).
         markdown: the Markdown report text.
-        source: where the values come from: :data:`~.table.FINAL_EVALUATION` or :data:`~.table.BEST_VALIDATION`.
         files: report part -> written file.
         comparison_run_id: the MLflow run holding the report, when it was logged.
+        source: where the values come from: :data:`~.table.FINAL_EVALUATION` or :data:`~.table.BEST_VALIDATION`.
     """
 
     table: pd.DataFrame
     runs: pd.DataFrame
     curves: pd.DataFrame
     markdown: str
-    source: str = FINAL_EVALUATION
     files: dict[str, Path] = field(default_factory=dict)
     comparison_run_id: str | None = None
+    source: str = FINAL_EVALUATION
 
 
 def open_store(tracking_uri: str) -> mlflow.MlflowClient:
@@ -369,7 +369,7 @@ def compare_runs(
     files["markdown"] = out_dir / REPORT_FILES["markdown"]
     files["markdown"].write_text(markdown, encoding="utf-8")
     files.update(images)
-    report = ComparisonReport(table, frame, curves, markdown, source, files)
+    report = ComparisonReport(table, frame, curves, markdown, files, source=source)
     if log_to_mlflow:
         report.comparison_run_id = _log_report(client, tracking_uri, comparison_experiment, report, selection, runs)
     return report

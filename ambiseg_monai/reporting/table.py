@@ -98,7 +98,7 @@ def validation_frame(
     training runs (see :mod:`naming`). The best epoch is chosen by one criterion for every run, the first
     metric of ``metrics`` any run logged (GED by default: its lowest value; ties: the earliest epoch), so
     each run contributes the values of one epoch rather than each metric's best over different epochs.
-    Runs that did not log the criterion, or have no ``num_val_samples`` parameter, are left out.
+    Runs that did not log the criterion, or have no integer ``num_val_samples`` parameter, are left out.
 
     Args:
         client: store client (the metric histories are read through it).
@@ -115,9 +115,9 @@ def validation_frame(
     criterion = logged[0]
     rows = []
     for run in runs:
-        num_samples = run.data.params.get(naming.VALIDATION_SAMPLES_PARAM)
-        if criterion not in run.data.metrics or num_samples is None:
-            continue
+        num_samples = run.data.params.get(naming.VALIDATION_SAMPLES_PARAM, "")
+        if criterion not in run.data.metrics or not num_samples.isdigit():
+            continue  # not a training run that validated with a known number of samples
         if sample_counts is not None and int(num_samples) not in sample_counts:
             continue
         history = {m: client.get_metric_history(run.info.run_id, m) for m in logged if m in run.data.metrics}
