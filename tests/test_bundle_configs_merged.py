@@ -165,6 +165,12 @@ _EVAL_PHASES = {
     "evaluate#n4#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n4#inferer#num_samples")),
     "evaluate#n16#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n16#inferer#num_samples")),
     "evaluate#n16#handlers#8": Inserted(_EVAL_SUMMARY),  # last: after the tables and grids are written
+    # issue #18: the sample grids are titled with the phase and split (an evaluator's epoch is always 1)
+    **{
+        f"evaluate#{n}#handlers#{index}#{key}": value
+        for n, index in (("n4", 8), ("n16", 7))
+        for key, value in (("phase", "evaluation"), ("split", "@eval_split"))
+    },
 }
 #: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
 _SOFT_DICE_5 = {

@@ -9,17 +9,19 @@ import os
 import shutil
 import socket
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from ignite.engine import Engine, Events
+from mlflow.entities import Metric
 from monai.handlers import MLFlowHandler
 
 from ambiseg_monai import cli
 from ambiseg_monai.handlers import ProvenanceHandler
-from ambiseg_monai.reporting import naming
+from ambiseg_monai.reporting import naming, plots
 from ambiseg_monai.reporting.provenance import (
     datalist_sha256,
     executed_config_from_argv,
@@ -29,11 +31,18 @@ from ambiseg_monai.reporting.provenance import (
     log_provenance,
     summarise_per_image,
 )
-from ambiseg_monai.reporting.report import compare_runs, load_per_image_metrics
+from ambiseg_monai.reporting.report import compare_runs, load_per_image_metrics, step_units
 from ambiseg_monai.reporting.runs import RunSelection, select_runs
 from ambiseg_monai.reporting.sync import main as sync_main
 from ambiseg_monai.reporting.sync import sync_runs
-from ambiseg_monai.reporting.table import comparison_table, evaluation_frame, format_mean_std, table_to_markdown
+from ambiseg_monai.reporting.table import (
+    BEST_VALIDATION,
+    FINAL_EVALUATION,
+    comparison_table,
+    evaluation_frame,
+    format_mean_std,
+    table_to_markdown,
+)
 from ambiseg_monai.reporting.tracking import (
     TrackingServerUnreachableWarning,
     pending_sync_file,
@@ -343,6 +352,7 @@ def test_selection_errors_name_the_problem(store):
 
 def test_compare_runs_matches_per_image_csvs_and_logs_report(store, tmp_path):
     report = compare_runs(store["uri"], RunSelection(dataset="demo"), tmp_path / "out")
+    assert report.source == FINAL_EVALUATION
     client = mlflow.MlflowClient(store["uri"])
     # recompute every cell from the per-image CSV artifacts: mean over images, then mean/std over runs
     per_run = []
@@ -391,6 +401,164 @@ def test_cli_compare(store, tmp_path, capsys):
     assert "unknown metric names ['dice']" in capsys.readouterr().err
     assert cli.main(["compare", "--tracking-uri", store["uri"], "--metrics", "s_ncc", "--out", str(out)]) == 1
     assert "have no final evaluation metrics ['s_ncc'] (run metrics named like 'test_n16_s_ncc')" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ right after training: no evaluation run yet
+
+# validation GED of each training run at the epochs it validated (2 and 4; two iterations per epoch):
+# cimd_0 is best at epoch 4, cimd_1 at 2, prob_unet_0 at 2, prob_unet_1 at 4
+VALIDATION_GED = {
+    ("cimd", 0): {2: 0.5, 4: 0.3},
+    ("cimd", 1): {2: 0.2, 4: 0.4},
+    ("prob_unet", 0): {2: 0.6, 4: 0.7},
+    ("prob_unet", 1): {2: 0.9, 4: 0.5},
+}
+ITERATIONS = range(1, 9)
+
+
+def validation_values(ged: float, epoch: int) -> dict[str, float]:
+    """The validation metrics logged with a GED at an epoch: CI = 1 - GED, soft Dice = epoch / 10 (so a
+    table built from each metric's own best epoch would differ from one built from GED's best epoch)."""
+    return {"ged": ged, "ci": 1.0 - ged, "soft_dice": epoch / 10}
+
+
+def make_training_run(client, experiment_id, method, index):
+    """A training run as the bundles log it: loss and learning rate per iteration, validation metrics
+    under bare names per epoch, the validation sample count as a parameter."""
+    tags = {naming.TAG_DATASET: "demo", naming.TAG_RUN_KIND: "training"}
+    run_id = client.create_run(experiment_id, run_name=f"{method}_{index}", tags=tags).info.run_id
+    client.log_param(run_id, naming.VALIDATION_SAMPLES_PARAM, "4")
+    for step in ITERATIONS:
+        # prob_unet's loss is on another scale, with a spike: it must not flatten cimd's
+        loss = 1.0 / step**2 if method == "cimd" else 100.0 + (4900.0 if step == 3 else 0.0)
+        client.log_metric(run_id, "loss", loss, step=step)
+        client.log_metric(run_id, "lr_group_0", 1e-3, step=step)
+    for epoch, ged in VALIDATION_GED[(method, index)].items():
+        for key, value in validation_values(ged, epoch).items():
+            client.log_metric(run_id, key, value, step=epoch)
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def training_store(tmp_path_factory, empty_db):
+    """Experiments ``cimd`` and ``prob_unet`` with two training runs each and no evaluation run."""
+    root = tmp_path_factory.mktemp("training_store")
+    uri = fresh_store(empty_db, root / "mlruns.db")
+    client = mlflow.MlflowClient(uri)
+    for method in BASE:
+        experiment_id = client.create_experiment(method, artifact_location=(root / "mlruns").as_uri())
+        for index in range(2):
+            make_training_run(client, experiment_id, method, index)
+    return {"uri": uri, "root": root}
+
+
+def test_compare_after_training_uses_best_validation_metrics(training_store, tmp_path):
+    report = compare_runs(training_store["uri"], RunSelection(), tmp_path / "out")
+    assert report.source == BEST_VALIDATION
+    # each run contributes every metric of its best-GED epoch
+    best = {key: min(geds, key=geds.get) for key, geds in VALIDATION_GED.items()}
+    per_run = pd.DataFrame(
+        [{"method": m, **validation_values(VALIDATION_GED[(m, i)][e], e)} for (m, i), e in best.items()]
+    ).groupby("method")
+    table = report.table.set_index("method")
+    assert list(table["num_samples"]) == [4, 4] and list(table["n_runs"]) == [2, 2]
+    for metric in ("ged", "ci", "soft_dice"):
+        np.testing.assert_allclose(table[f"{metric}_mean"], per_run[metric].mean().loc[table.index], rtol=1e-12)
+        np.testing.assert_allclose(table[f"{metric}_std"], per_run[metric].std().loc[table.index], rtol=1e-9)
+    assert table.loc["cimd", "soft_dice_mean"] == pytest.approx(0.3)  # epochs 4 and 2, not each metric's best
+    assert dict(zip(report.runs["run_name"], report.runs["epoch"], strict=True)) == {
+        f"{m}_{i}": e for (m, i), e in best.items()
+    }
+    # labelled in both CSVs, the Markdown and the plots' titles
+    csv = pd.read_csv(report.files["table_csv"])
+    assert list(csv.columns[:4]) == ["method", "source", "num_samples", "n_runs"]
+    runs_csv = pd.read_csv(report.files["runs_csv"])
+    assert set(csv["source"]) == set(runs_csv["source"]) == {"best validation (training run)"}
+    head = report.markdown.split("\n## ")[0]
+    assert "> **Source: best validation (training runs, validation split, N = 4 samples per image)**" in head
+    assert "run each bundle's `evaluate.json` for final test metrics" in head
+    assert "epoch with the best GED" in head and "Final evaluation metrics" not in head
+    assert "| Method | Run | Run id | N | Best epoch |" in report.markdown
+    assert "| cimd | 4 | 2 | 0.250 ± 0.071 | 0.750 ± 0.071 | 0.300 ± 0.141 |" in head.replace("**", "")
+    client = mlflow.MlflowClient(training_store["uri"])
+    assert client.get_run(report.comparison_run_id).data.params["source"] == BEST_VALIDATION
+    # the training curves: per-iteration values apart from per-epoch ones
+    units = report.curves.groupby("key")["unit"].unique().map(list).to_dict()
+    assert units == {"loss": ["iteration"], "lr_group_0": ["iteration"], "ged": ["epoch"], "ci": ["epoch"],
+                     "soft_dice": ["epoch"]}
+
+
+def test_cli_compare_with_its_defaults_right_after_training(training_store, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compare", "--tracking-uri", training_store["uri"], "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    assert "Source: best validation (training runs, validation split, N = 4 samples per image)" in printed
+    assert "evaluate.json" in printed and "| prob_unet | 4 | 2 |" in printed
+    assert (tmp_path / "comparison" / "comparison.csv").is_file()
+    # no validation with 16 samples: the error says what was looked for
+    assert cli.main(["compare", "--tracking-uri", training_store["uri"], "--samples", "16", "--no-log"]) == 1
+    error = capsys.readouterr().err
+    assert "no final evaluation metrics" in error
+    assert "no validation metrics of a training run with [16] samples" in error
+
+
+def test_compare_prefers_evaluation_runs_over_training_runs(training_store, tmp_path):
+    """Once any selected run has final evaluation metrics, the training runs' validation values are left out
+    (never mixed with test values) and the report is the evaluation's, as before."""
+    mixed = tmp_path / "mixed.db"
+    shutil.copyfile(training_store["root"] / "mlruns.db", mixed)
+    client = mlflow.MlflowClient(f"sqlite:///{mixed}")
+    evaluated = client.get_experiment_by_name("cimd").experiment_id
+    run_id = client.create_run(evaluated, run_name="cimd_eval", tags={naming.TAG_DATASET: "demo"}).info.run_id
+    for key, value in {"test_n4_ged": 0.11, "test_n16_ged": 0.12}.items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id)
+    report = compare_runs(f"sqlite:///{mixed}", RunSelection(), tmp_path / "out", log_to_mlflow=False)
+    assert report.source == FINAL_EVALUATION
+    assert list(report.runs["run_name"]) == ["cimd_eval", "cimd_eval"] and "epoch" not in report.runs.columns
+    assert "source" not in report.table.columns and "Source:" not in report.markdown
+    assert report.markdown.split("\n## ")[0].count("Final evaluation metrics") == 1
+
+
+def test_step_units_tell_iterations_from_epochs():
+    def history(*steps):
+        return [Metric("k", 1.0, 0, step) for step in steps]
+
+    units = step_units({"loss": history(1, 2, 3, 4), "l_simple": history(1, 2, 3, 4), "ged": history(2, 4)})
+    assert units == {"loss": "iteration", "l_simple": "iteration", "ged": "epoch"}
+    # a run without a training loss (e.g. an evaluation's curve over generations): plain steps
+    assert step_units({"soft_dice_vs_generations": history(1, 2, 3)}) == {"soft_dice_vs_generations": "step"}
+
+
+def test_plots_label_units_methods_and_the_source(training_store, tmp_path, monkeypatch):
+    figures = {}
+
+    def keep(figure, path):
+        figures[Path(path).name] = figure
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    compare_runs(training_store["uri"], RunSelection(), tmp_path / "out", log_to_mlflow=False)
+    for name in ("metrics_bar.png", "metrics_vs_samples.png"):
+        assert figures[name].get_suptitle().startswith("Best validation metrics of the training runs"), name
+    curves = figures["training_curves.png"]
+    panels = [(a.get_title(), a.get_xlabel(), a.get_yscale()) for a in curves.axes if a.get_visible()]
+    # each method's loss in its own panel, on a log scale where it spans decades; validation metrics
+    # shared, against epochs
+    assert panels == [
+        ("loss · cimd", "iteration", "log"),
+        ("loss · prob_unet", "iteration", "log"),
+        ("lr_group_0 · cimd", "iteration", "linear"),
+        ("lr_group_0 · prob_unet", "iteration", "linear"),
+        ("ged", "epoch", "linear"),
+        ("ci", "epoch", "linear"),
+        ("soft_dice", "epoch", "linear"),
+    ]
+    # the evaluation report's plots are titled as such
+    table = pd.DataFrame({"method": ["a"], "num_samples": [16], "n_runs": [1], "ged_mean": [0.2], "ged_std": [np.nan]})
+    assert plots.metric_bars_figure(table, ["ged"], "Final").get_suptitle() == "Final"
+    assert plots.metric_vs_samples_figure(table, ["ged"]).get_suptitle() == ""
 
 
 # ------------------------------------------------------------------------------- fallback and sync

@@ -19,7 +19,8 @@ from monai.bundle import run as run_bundle
 from ambiseg_monai import cli
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.reporting import naming
-from ambiseg_monai.reporting.report import load_per_image_metrics
+from ambiseg_monai.reporting.report import compare_runs, load_per_image_metrics
+from ambiseg_monai.reporting.table import BEST_VALIDATION
 from ambiseg_monai.reporting.tracking import TrackingServerUnreachableWarning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +48,46 @@ pytestmark = pytest.mark.skipif(
 def store(tmp_path_factory, small_demo_dataset):
     root = tmp_path_factory.mktemp("bundles")
     uri = f"sqlite:///{root}/mlruns.db"
-    for bundle, tiny in METHODS.items():
+    overrides = {
+        bundle: {**tiny, "bundle_root": str(BUNDLES / bundle), "dataset_dir": small_demo_dataset,
+                 "output_dir": str(root / bundle), "tracking_uri": uri}
+        for bundle, tiny in METHODS.items()
+    }
+    for bundle in METHODS:
+        run_bundle("training", config_file=str(BUNDLES / bundle / "configs" / "train.json"), **overrides[bundle])
+    # the natural first use: compare right after training, before any evaluation
+    after_training = compare_runs(uri, out_dir=root / "after_training", log_to_mlflow=False)
+    for bundle in METHODS:
         configs = BUNDLES / bundle / "configs"
-        overrides = {**tiny, "bundle_root": str(BUNDLES / bundle), "dataset_dir": small_demo_dataset,
-                     "output_dir": str(root / bundle), "tracking_uri": uri}
-        run_bundle("training", config_file=str(configs / "train.json"), **overrides)
-        run_bundle("evaluating", config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], **overrides)
-    return {"uri": uri, "root": root, "dataset": small_demo_dataset}
+        run_bundle("evaluating", config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
+                   **overrides[bundle])
+    return {"uri": uri, "root": root, "dataset": small_demo_dataset, "after_training": after_training}
+
+
+def test_compare_right_after_training_reads_the_validation_metrics(store):
+    report = store["after_training"]
+    assert report.source == BEST_VALIDATION
+    assert "Source: best validation (training runs, validation split, N = 4 samples per image)" in report.markdown
+    client = mlflow.MlflowClient(store["uri"])
+    table = report.table.set_index("method")
+    assert sorted(table.index) == sorted(METHODS) and (table["num_samples"] == 4).all()
+    for row in report.runs.itertuples():
+        assert row.epoch == 1  # one epoch, validated once
+        (ged,) = client.get_metric_history(row.run_id, "ged")
+        assert table.loc[row.method, "ged_mean"] == pytest.approx(ged.value)
+
+
+def test_each_sample_grid_is_logged_once(store):
+    client = mlflow.MlflowClient(store["uri"])
+    for bundle in METHODS:
+        runs = client.search_runs([client.get_experiment_by_name(bundle).experiment_id])
+        by_kind = {run.data.tags[naming.TAG_RUN_KIND]: run.info.run_id for run in runs}
+        training = {a.path for a in client.list_artifacts(by_kind["training"], "samples")}
+        assert "samples/samples_epoch0001.png" in training
+        # evaluation: the grids and plots land once, with the evaluation folder, at the artifact root
+        evaluation = {a.path for a in client.list_artifacts(by_kind["evaluation"])}
+        assert {"n4_samples.png", "n16_samples.png"} <= evaluation, evaluation
+        assert not {"samples", "truth"} & evaluation, evaluation
 
 
 def test_compare_two_bundle_runs(store, capsys):

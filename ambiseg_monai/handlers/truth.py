@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ambiseg_monai.handlers.mlflow_logging import log_artifact
-from ambiseg_monai.handlers.sample_images import save_figure
+from ambiseg_monai.handlers.sample_images import log_figure, save_figure
 from ambiseg_monai.metrics.speckle import isolated_pixel_fraction
 from ambiseg_monai.metrics.truth import truth_scores
 
@@ -118,7 +117,8 @@ class TruthMetricsHandler:
 
     Args:
         output_dir: folder of the PNG (None: no plot).
-        mlflow_handler: a MONAI ``MLFlowHandler`` of the same engine: the PNG is logged to its run.
+        mlflow_handler: a MONAI ``MLFlowHandler`` of the same engine: the PNG is logged to its run, once
+            (:func:`~ambiseg_monai.handlers.sample_images.log_figure`).
         pred_key: output key of the samples (``"samples"`` for consensus diffusion's per-level draws).
         prefix: file-name prefix of the PNG.
         min_coverage: a sample includes a lobe when it covers more than this fraction of it.
@@ -225,4 +225,4 @@ class TruthMetricsHandler:
         )
         self.written.append(path)
         if self.mlflow_handler is not None:
-            log_artifact(self.mlflow_handler, path, self.artifact_path)
+            log_figure(self.mlflow_handler, path, self.artifact_path)

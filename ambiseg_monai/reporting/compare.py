@@ -1,5 +1,7 @@
 """Compare methods across runs of a shared MLflow store: Markdown + CSV table (mean ± std over runs of
 the final evaluation metrics at each number of samples) and PNG plots, logged as a comparison run.
+Before any evaluation (right after training), the training runs' best validation metrics are compared
+instead, labelled as such in the table, the plots and the printed summary.
 
 Example: ambiseg compare --tracking-uri sqlite:///mlruns.db --dataset demo --out comparison/
 """

@@ -8,6 +8,13 @@ Evaluation metrics
     drawn per image, the mean over the test images as the run metric ``test_n<N>_<metric>``
     (e.g. ``test_n16_ged``; ``MLflowMetricsLogger(prefix="test_n16_")``). ``<metric>`` is a name of
     :data:`ambiseg_monai.metrics.METRIC_NAMES`.
+Validation metrics (training runs)
+    A training run logs its validation metrics under the bare metric name (``ged``), once per
+    validation, at step = the trainer's epoch; each validation draws ``num_val_samples`` (a run
+    parameter) samples per image from the validation split. The loss, its terms and the learning rate
+    are logged at every iteration (step = iteration; the loss as ``loss``, or as the handler's
+    ``tag_name``, ``train_loss``, when the trainer's output is a single number). ``ambiseg compare``
+    falls back to these when no selected run has evaluation metrics.
 Per-image tables
     The per-image values are logged as CSV artifacts ``n<N>_per_image.csv`` (``PerImageMetricsWriter``
     with prefix ``n<N>_``, at the artifact root or in a folder) with a ``case_id`` column and one
@@ -23,6 +30,8 @@ import re
 
 __all__ = [
     "EVALUATION_PREFIX",
+    "VALIDATION_SAMPLES_PARAM",
+    "TRAINING_LOSS_KEYS",
     "REPORT_METRICS",
     "DEFAULT_SAMPLE_COUNTS",
     "LOWER_IS_BETTER",
@@ -48,6 +57,11 @@ __all__ = [
 ]
 
 EVALUATION_PREFIX = "test"
+#: Run parameter of a training run: samples drawn per image at each validation.
+VALIDATION_SAMPLES_PARAM = "num_val_samples"
+#: Metric keys of a training run's per-iteration loss (the first one a run has is its loss); ``Loss`` is
+#: the name MONAI's ``MLFlowHandler`` gives a single-number loss by default.
+TRAINING_LOSS_KEYS = ("loss", "train_loss", "Loss")
 #: Metrics in the comparison table, in column order (GED, CI and its parts, soft Dice, HM-IoU).
 REPORT_METRICS = (
     "ged",

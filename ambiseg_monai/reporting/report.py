@@ -16,16 +16,30 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 
 from ambiseg_monai.metrics.suite import METRIC_NAMES
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.plots import plot_metric_bars, plot_metric_vs_samples, plot_training_curves
 from ambiseg_monai.reporting.runs import RunSelection, experiment_names, group_label, select_runs
-from ambiseg_monai.reporting.table import comparison_table, evaluation_frame, table_to_csv, table_to_markdown
+from ambiseg_monai.reporting.table import (
+    BEST_VALIDATION,
+    FINAL_EVALUATION,
+    comparison_frame,
+    comparison_table,
+    table_to_csv,
+    table_to_markdown,
+)
 from ambiseg_monai.reporting.tracking import sqlite_uri_path
 
-__all__ = ["ComparisonReport", "compare_runs", "training_curves", "load_per_image_metrics", "open_store"]
+__all__ = [
+    "ComparisonReport",
+    "compare_runs",
+    "training_curves",
+    "step_units",
+    "load_per_image_metrics",
+    "open_store",
+]
 
 #: Report file names inside the output folder (and the ``report/`` artifact folder of the comparison run).
 REPORT_FILES = {
@@ -43,12 +57,14 @@ class ComparisonReport:
     """What :func:`compare_runs` produced.
 
     Attributes:
-        table: one row per (method, N): ``n_runs``, ``<metric>_mean``, ``<metric>_std``.
+        table: one row per (method, N): ``n_runs``, ``<metric>_mean``, ``<metric>_std`` (and ``source`` when
+            the values are best validation metrics).
         runs: the per-run values the table summarises (one row per run and N).
-        curves: training-curve points (``method, run_name, run_id, key, step, value``).
+        curves: training-curve points (``method, run_name, run_id, key, unit, step, value``).
         markdown: the Markdown report text.
         files: report part -> written file.
         comparison_run_id: the MLflow run holding the report, when it was logged.
+        source: where the values come from: :data:`~.table.FINAL_EVALUATION` or :data:`~.table.BEST_VALIDATION`.
     """
 
     table: pd.DataFrame
@@ -57,6 +73,7 @@ class ComparisonReport:
     markdown: str
     files: dict[str, Path] = field(default_factory=dict)
     comparison_run_id: str | None = None
+    source: str = FINAL_EVALUATION
 
 
 def open_store(tracking_uri: str) -> mlflow.MlflowClient:
@@ -65,6 +82,25 @@ def open_store(tracking_uri: str) -> mlflow.MlflowClient:
     if database is not None and not database.is_file():
         raise FileNotFoundError(f"no MLflow store at {database} (tracking URI {tracking_uri}).")
     return mlflow.MlflowClient(tracking_uri)
+
+
+def step_units(histories: dict[str, list[Metric]]) -> dict[str, str]:
+    """The unit of the steps of each of one run's metric keys: ``iteration``, ``epoch`` or ``step``.
+
+    MONAI's ``MLFlowHandler`` logs the trainer's values (the loss, its terms, the learning rate) at every
+    iteration, step = iteration, and the validator's metrics once per validation, step = epoch (see
+    :mod:`naming`). So a key logged at exactly the steps of the run's loss is per-iteration and any other key
+    per-epoch. A run without a loss (e.g. an evaluation) has no iterations: its keys are in plain ``step``.
+
+    Args:
+        histories: metric key -> its logged history (``MlflowClient.get_metric_history``), including the
+            loss key (:data:`naming.TRAINING_LOSS_KEYS`) when the run has one.
+    """
+    loss = next((histories[k] for k in naming.TRAINING_LOSS_KEYS if k in histories), None)
+    if loss is None:
+        return dict.fromkeys(histories, "step")
+    iterations = {m.step for m in loss}
+    return {key: "iteration" if {m.step for m in h} == iterations else "epoch" for key, h in histories.items()}
 
 
 def training_curves(
@@ -88,34 +124,44 @@ def training_curves(
         max_keys: cap on automatically chosen keys.
 
     Returns:
-        long table ``method, run_name, run_id, key, step, value`` (empty when nothing has a history).
+        long table ``method, run_name, run_id, key, unit, step, value`` (empty when nothing has a history);
+        ``unit`` is what ``step`` counts: ``iteration``, ``epoch`` or ``step`` (:func:`step_units`).
     """
-    histories: dict[tuple[str, str], list] = {}
+    histories: dict[str, dict[str, list[Metric]]] = {}  # run id -> key -> history
     for run in runs:
         candidates = (
             keys if keys is not None else [k for k in run.data.metrics if not naming.parse_evaluation_metric_key(k)]
         )
-        for key in candidates:
-            if key in run.data.metrics:
-                histories[(run.info.run_id, key)] = client.get_metric_history(run.info.run_id, key)
-    if keys is None:
-        multi = sorted({key for (_, key), history in histories.items() if len({m.step for m in history}) > 1})
-        keys = sorted(multi, key=_curve_priority)[:max_keys]
-    by_id = {run.info.run_id: run for run in runs}
-    rows = [
-        {
-            "method": group_label(by_id[run_id], group_by, names),
-            "run_name": by_id[run_id].info.run_name,
-            "run_id": run_id,
-            "key": key,
-            "step": m.step,
-            "value": m.value,
+        # the loss history tells iterations from epochs (step_units), whether it is plotted or not
+        wanted = [*candidates, *naming.TRAINING_LOSS_KEYS]
+        histories[run.info.run_id] = {
+            key: client.get_metric_history(run.info.run_id, key)
+            for key in dict.fromkeys(wanted)
+            if key in run.data.metrics
         }
-        for (run_id, key), history in histories.items()
-        if key in keys
-        for m in history
-    ]
-    curves = pd.DataFrame(rows, columns=["method", "run_name", "run_id", "key", "step", "value"])
+    if keys is None:
+        multi = {key for h in histories.values() for key, history in h.items() if len({m.step for m in history}) > 1}
+        keys = sorted(sorted(multi), key=_curve_priority)[:max_keys]
+    by_id = {run.info.run_id: run for run in runs}
+    rows = []
+    for run_id, run_histories in histories.items():
+        units = step_units(run_histories)
+        method = group_label(by_id[run_id], group_by, names)
+        for key, history in run_histories.items():
+            if key in keys:
+                rows += [
+                    {
+                        "method": method,
+                        "run_name": by_id[run_id].info.run_name,
+                        "run_id": run_id,
+                        "key": key,
+                        "unit": units[key],
+                        "step": m.step,
+                        "value": m.value,
+                    }
+                    for m in history
+                ]
+    curves = pd.DataFrame(rows, columns=["method", "run_name", "run_id", "key", "unit", "step", "value"])
     order = {k: i for i, k in enumerate(keys)}
     return curves.sort_values(
         ["key", "method", "run_id", "step"], key=lambda s: s.map(order) if s.name == "key" else s
@@ -183,10 +229,41 @@ def load_per_image_metrics(client: mlflow.MlflowClient, run_id: str) -> pd.DataF
     return stacked.sort_values("num_samples", kind="stable", ignore_index=True)
 
 
+#: The ``source`` column of both CSVs of a report built from validation metrics.
+VALIDATION_SOURCE_LABEL = f"{BEST_VALIDATION} (training run)"
+#: Plot titles per source, so that a PNG seen on its own (e.g. in the MLflow UI) says what it shows.
+_PLOT_TITLES = {
+    FINAL_EVALUATION: "Final evaluation metrics (evaluate.json)",
+    BEST_VALIDATION: "Best validation metrics of the training runs (run evaluate.json for final test metrics)",
+}
+
+
+def _source_lines(source: str, frame: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """The report's paragraphs on where the values come from (printed by ``ambiseg compare`` too)."""
+    legend = "↓ lower is better, ↑ higher is better; best mean per N in bold."
+    if source == FINAL_EVALUATION:
+        return [
+            "Final evaluation metrics, mean ± sample standard deviation over runs "
+            f"(each run's value is its mean over test images); N = samples drawn per image; {legend}"
+        ]
+    counts = ", ".join(str(n) for n in sorted(frame["num_samples"].unique()))
+    criterion = next(m for m in metrics if m in frame.columns)  # the metric validation_frame ranked epochs by
+    return [
+        f"> **Source: best validation (training runs, validation split, N = {counts} samples per image)** — "
+        "run each bundle's `evaluate.json` for final test metrics.",
+        "",
+        "No selected run has final evaluation metrics, so each training run contributes the validation "
+        f"metrics of its epoch with the best {naming.metric_label(criterion)} (see Runs); mean ± sample "
+        "standard deviation over runs (each run's value is its mean over the validation images); "
+        f"N = samples drawn per image at validation; {legend}",
+    ]
+
+
 def _markdown_report(
     title: str,
     table: pd.DataFrame,
     frame: pd.DataFrame,
+    source: str,
     metrics: Sequence[str],
     selection: RunSelection,
     tracking_uri: str,
@@ -197,9 +274,7 @@ def _markdown_report(
         "",
         f"Store: `{tracking_uri}` · selection: " + "; ".join(f"{k} = {v}" for k, v in selection.describe().items()),
         "",
-        "Final evaluation metrics, mean ± sample standard deviation over runs "
-        "(each run's value is its mean over test images); N = samples drawn per image; "
-        "↓ lower is better, ↑ higher is better; best mean per N in bold.",
+        *_source_lines(source, frame, metrics),
         "",
         table_to_markdown(table, metrics),
     ]
@@ -210,11 +285,17 @@ def _markdown_report(
     }
     for part, path in images.items():
         lines += [f"## {captions[part]}", "", f"![{captions[part]}]({path.name})", ""]
-    lines += ["## Runs", "", "| Method | Run | Run id | N |", "|---|---|---|---|"]
+    best_epoch = "epoch" in frame.columns  # validation values: say which epoch each run contributed
+    lines += [
+        "## Runs",
+        "",
+        "| Method | Run | Run id | N |" + (" Best epoch |" if best_epoch else ""),
+        "|---|---|---|---|" + ("---|" if best_epoch else ""),
+    ]
     for (method, run_name, run_id), part in frame.groupby(["method", "run_name", "run_id"], sort=False):
-        lines.append(
-            f"| {method} | {run_name} | `{run_id}` | {', '.join(str(n) for n in sorted(part['num_samples']))} |"
-        )
+        counts = ", ".join(str(n) for n in sorted(part["num_samples"]))
+        epoch = f" {int(part['epoch'].iloc[0])} |" if best_epoch else ""
+        lines.append(f"| {method} | {run_name} | `{run_id}` | {counts} |{epoch}")
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +323,9 @@ def compare_runs(
 ) -> ComparisonReport:
     """Build the comparison report of the selected runs and (by default) log it to MLflow.
 
+    The values are the runs' final evaluation metrics or, when no selected run has any (right after
+    training), the training runs' best validation metrics, labelled as such (:func:`.table.comparison_frame`).
+
     Args:
         tracking_uri: the shared store (``sqlite:///...`` or ``http://host:port``).
         selection: which runs (see :class:`RunSelection`).
@@ -260,8 +344,12 @@ def compare_runs(
     client = open_store(tracking_uri)
     names = experiment_names(client)
     runs = select_runs(client, selection, comparison_experiment)
-    frame = evaluation_frame(runs, names, group_by, metrics, sample_counts)
+    frame, source = comparison_frame(client, runs, names, group_by, metrics, sample_counts)
     table = comparison_table(frame, metrics)
+    if source == BEST_VALIDATION:
+        # label every row of both CSVs: validation values must not pass for test results
+        for part in (table, frame):
+            part.insert(1, "source", VALIDATION_SOURCE_LABEL)
     curves = training_curves(client, runs, names, group_by, curve_keys)
 
     out_dir = Path(out_dir)
@@ -270,16 +358,18 @@ def compare_runs(
     table_to_csv(table, files["table_csv"])
     frame.to_csv(files["runs_csv"], index=False)
     images = {
-        "bars": plot_metric_bars(table, out_dir / REPORT_FILES["bars"], metrics),
-        "vs_samples": plot_metric_vs_samples(table, out_dir / REPORT_FILES["vs_samples"], metrics),
+        "bars": plot_metric_bars(table, out_dir / REPORT_FILES["bars"], metrics, _PLOT_TITLES[source]),
+        "vs_samples": plot_metric_vs_samples(
+            table, out_dir / REPORT_FILES["vs_samples"], metrics, _PLOT_TITLES[source]
+        ),
     }
     if not curves.empty:
         images["curves"] = plot_training_curves(curves, out_dir / REPORT_FILES["curves"])
-    markdown = _markdown_report(title, table, frame, metrics, selection, tracking_uri, images)
+    markdown = _markdown_report(title, table, frame, source, metrics, selection, tracking_uri, images)
     files["markdown"] = out_dir / REPORT_FILES["markdown"]
     files["markdown"].write_text(markdown, encoding="utf-8")
     files.update(images)
-    report = ComparisonReport(table, frame, curves, markdown, files)
+    report = ComparisonReport(table, frame, curves, markdown, files, source=source)
     if log_to_mlflow:
         report.comparison_run_id = _log_report(client, tracking_uri, comparison_experiment, report, selection, runs)
     return report
@@ -308,6 +398,7 @@ def _log_report(
     run_id = run.info.run_id
     try:
         params = [mlflow.entities.Param(f"selection.{k}", v[:6000]) for k, v in selection.describe().items()]
+        params.append(mlflow.entities.Param("source", report.source))
         client.log_batch(run_id, params=params)
         for path in report.files.values():
             client.log_artifact(run_id, str(path), "report")

@@ -1,4 +1,8 @@
-"""The comparison table: final evaluation metrics per method and number of samples, mean ± std over runs."""
+"""The comparison table: metrics per method and number of samples, mean ± std over runs.
+
+The values are the runs' final evaluation metrics (``evaluate.json``) or, when no selected run has any,
+the best validation metrics the training runs logged (see :func:`comparison_frame`).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,32 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+import mlflow
 import pandas as pd
 from mlflow.entities import Run
 
 from ambiseg_monai.reporting import naming
 from ambiseg_monai.reporting.runs import group_label
 
-__all__ = ["evaluation_frame", "comparison_table", "table_to_markdown", "table_to_csv", "format_mean_std"]
+__all__ = [
+    "FINAL_EVALUATION",
+    "BEST_VALIDATION",
+    "evaluation_frame",
+    "validation_frame",
+    "comparison_frame",
+    "comparison_table",
+    "table_to_markdown",
+    "table_to_csv",
+    "format_mean_std",
+]
+
+#: Where the compared values come from (the ``source`` of :func:`comparison_frame`).
+FINAL_EVALUATION = "final evaluation"
+BEST_VALIDATION = "best validation"
 
 _RUN_COLUMNS = ["method", "experiment", "run_name", "run_id", "num_samples"]
+#: per-run columns that are not metrics (``epoch``: the best validation epoch of a training run)
+_NON_METRIC_COLUMNS = [*_RUN_COLUMNS, "epoch"]
 
 
 def evaluation_frame(
@@ -63,11 +84,103 @@ def evaluation_frame(
     return frame.dropna(axis=1, how="all").astype({"num_samples": int}) if rows else frame
 
 
+def validation_frame(
+    client: mlflow.MlflowClient,
+    runs: Sequence[Run],
+    names: Mapping[str, str],
+    group_by: str = "experiment",
+    metrics: Sequence[str] = naming.REPORT_METRICS,
+    sample_counts: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """One row per training run with its validation metrics at its best validation epoch.
+
+    Reads the bare-named validation metrics (``ged``, step = epoch) and the ``num_val_samples`` parameter of
+    training runs (see :mod:`naming`). The best epoch is chosen by one criterion for every run, the first
+    metric of ``metrics`` any run logged (GED by default: its lowest value; ties: the earliest epoch), so
+    each run contributes the values of one epoch rather than each metric's best over different epochs.
+    Runs that did not log the criterion, or have no integer ``num_val_samples`` parameter, are left out.
+
+    Args:
+        client: store client (the metric histories are read through it).
+        runs, names, group_by, metrics, sample_counts: as for :func:`evaluation_frame`.
+
+    Returns:
+        columns ``method, experiment, run_name, run_id, num_samples, epoch`` then one per metric (NaN where
+        a run did not log that metric at its best epoch); empty when no run qualifies.
+    """
+    logged = [m for m in metrics if any(m in run.data.metrics for run in runs)]
+    columns = [*_RUN_COLUMNS, "epoch", *metrics]
+    if not logged:
+        return pd.DataFrame([], columns=columns)
+    criterion = logged[0]
+    rows = []
+    for run in runs:
+        num_samples = run.data.params.get(naming.VALIDATION_SAMPLES_PARAM, "")
+        if criterion not in run.data.metrics or not num_samples.isdigit():
+            continue  # not a training run that validated with a known number of samples
+        if sample_counts is not None and int(num_samples) not in sample_counts:
+            continue
+        history = {m: client.get_metric_history(run.info.run_id, m) for m in logged if m in run.data.metrics}
+        scores = sorted((m for m in history[criterion] if math.isfinite(m.value)), key=lambda m: m.step)
+        if not scores:
+            continue
+        pick = min if criterion in naming.LOWER_IS_BETTER else max
+        best_epoch = pick(scores, key=lambda m: m.value).step  # min/max keep the first (earliest) of ties
+        values = {m: next((x.value for x in h if x.step == best_epoch), math.nan) for m, h in history.items()}
+        rows.append(
+            {
+                "method": group_label(run, group_by, names),
+                "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
+                "run_name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "num_samples": int(num_samples),
+                "epoch": best_epoch,
+                **values,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.dropna(axis=1, how="all") if rows else frame
+
+
+def comparison_frame(
+    client: mlflow.MlflowClient,
+    runs: Sequence[Run],
+    names: Mapping[str, str],
+    group_by: str = "experiment",
+    metrics: Sequence[str] = naming.REPORT_METRICS,
+    sample_counts: Sequence[int] | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """The per-run values to compare and their source.
+
+    The final evaluation metrics (:func:`evaluation_frame`, source :data:`FINAL_EVALUATION`) when any selected
+    run has them; otherwise the training runs' best validation metrics (:func:`validation_frame`, source
+    :data:`BEST_VALIDATION`), so that runs can be compared right after training. The two are never mixed:
+    validation and test values are not comparable.
+
+    Raises:
+        ValueError: no selected run has either kind of metrics (the message says what was looked for).
+    """
+    frame = evaluation_frame(runs, names, group_by, metrics, sample_counts)
+    if not frame.empty:
+        return frame, FINAL_EVALUATION
+    frame = validation_frame(client, runs, names, group_by, metrics, sample_counts)
+    if not frame.empty:
+        return frame, BEST_VALIDATION
+    samples = f" with {list(sample_counts)} samples per image" if sample_counts is not None else ""
+    raise ValueError(
+        f"the selected runs have no final evaluation metrics {list(metrics)} (run metrics named like "
+        f"{naming.evaluation_metric_key(metrics[0] if metrics else 'ged', 16)!r}) and no validation metrics "
+        f"of a training run{samples} (named like {metrics[0] if metrics else 'ged'!r}, with a "
+        f"{naming.VALIDATION_SAMPLES_PARAM!r} parameter); train a bundle, then run its evaluate.json for "
+        "final test metrics."
+    )
+
+
 def comparison_table(frame: pd.DataFrame, metrics: Sequence[str] = naming.REPORT_METRICS) -> pd.DataFrame:
     """Mean and sample standard deviation (ddof=1; NaN for a single run) over runs.
 
     Args:
-        frame: output of :func:`evaluation_frame`.
+        frame: output of :func:`evaluation_frame` or :func:`validation_frame`.
         metrics: metric columns to summarise (those absent from ``frame`` are skipped).
 
     Returns:
@@ -82,7 +195,7 @@ def comparison_table(frame: pd.DataFrame, metrics: Sequence[str] = naming.REPORT
         )
     present = [m for m in metrics if m in frame.columns]
     if not present:
-        found = [c for c in frame.columns if c not in _RUN_COLUMNS]
+        found = [c for c in frame.columns if c not in _NON_METRIC_COLUMNS]
         raise ValueError(f"the selected runs logged none of the metrics {list(metrics)}; they have {found}.")
     grouped = frame.groupby(["method", "num_samples"], sort=True)
     table = grouped["run_id"].nunique().rename("n_runs").to_frame()
