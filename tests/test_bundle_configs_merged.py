@@ -145,10 +145,17 @@ _PHASE_LOGGER = {
 
 
 #: issue #18: an evaluation names each phase (N = 4, then N = 16; split, images) and ends with a summary
-#: (tables and sample images in eval_dir, the number of images, the MLflow run id and the mlflow ui command)
+#: (tables and sample images in eval_dir, the number of images, the MLflow run id and the mlflow ui command);
+#: each phase's PhaseLogger also reports its metrics when it ends (metrics: true), in place of the StatsHandler
+#: lines "Epoch[1] Metrics" and "Key metric: ... best value ... at epoch: 1" (an evaluator's epoch is always 1)
 def _eval_phase(label: object, num_samples: str | None = None) -> dict:
     phase = {"_target_": "ambiseg_monai.handlers.PhaseLogger", "_disabled_": "@is_not_rank0", "label": label}
-    return {**phase, **({"num_samples": num_samples} if num_samples else {}), "split": "@eval_split"}
+    return {**phase, **({"num_samples": num_samples} if num_samples else {}), "split": "@eval_split", "metrics": True}
+
+
+#: issue #18: an evaluation's figures are titled with the phase and split, not the evaluator's epoch (always 1),
+#: and named <prefix>.png, not <prefix>_epoch0001.png
+_EVALUATION_FIGURE = {"phase": "evaluation", "split": "@eval_split"}
 
 
 _EVAL_SUMMARY = {
@@ -165,12 +172,17 @@ _EVAL_PHASES = {
     "evaluate#n4#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n4#inferer#num_samples")),
     "evaluate#n16#handlers#0": Inserted(_eval_phase("evaluation", "@evaluate#n16#inferer#num_samples")),
     "evaluate#n16#handlers#8": Inserted(_EVAL_SUMMARY),  # last: after the tables and grids are written
-    # issue #18: the sample grids are titled with the phase and split (an evaluator's epoch is always 1)
+    # the sample grids (n4: 8, n16: 7) and the mode-frequency plots (TruthMetricsHandler, 1): see _EVALUATION_FIGURE
     **{
         f"evaluate#{n}#handlers#{index}#{key}": value
-        for n, index in (("n4", 8), ("n16", 7))
-        for key, value in (("phase", "evaluation"), ("split", "@eval_split"))
+        for n, indices in (("n4", (8, 1)), ("n16", (7, 1)))
+        for index in indices
+        for key, value in _EVALUATION_FIGURE.items()
     },
+    # the StatsHandler of each phase is gone (its metrics line is the PhaseLogger's, see _eval_phase); last,
+    # as it moves the handlers after it
+    "evaluate#n4#handlers#5": REMOVED,
+    "evaluate#n16#handlers#4": REMOVED,
 }
 #: consensus diffusion's soft Dice at the paper's five thresholds, published as ``soft_dice_5``
 _SOFT_DICE_5 = {
@@ -357,6 +369,10 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
             _eval_phase("$'evaluation, ' + str(@eval_generations) + ' generations of every consensus level'")
         ),
         "evaluate#handlers#10": Inserted(_EVAL_SUMMARY),
+        # the per-level grid (8) and the mode-frequency plot (1) of the evaluation: see _EVALUATION_FIGURE
+        **{f"evaluate#handlers#{index}#{key}": value for index in (8, 1) for key, value in _EVALUATION_FIGURE.items()},
+        # the StatsHandler is gone (see _eval_phase; last, as it moves the handlers after it)
+        "evaluate#handlers#5": REMOVED,
     },
     "prob_unet/evaluate.json": {
         **_EVAL_PHASES,

@@ -119,6 +119,9 @@ def test_train_resume_evaluate_and_infer_on_demo_data(small_demo_dataset, tmp_pa
     assert curve[0] == ["generations", "soft_dice", "soft_dice_5"] and [r[0] for r in curve[1:]] == ["1", "2", "3"]
     assert all(0.0 <= float(v) <= 1.0 for row in curve[1:] for v in row[1:])
     assert (eval_dir / "generation_curve.png").stat().st_size > 0
+    # the evaluation's figures are named (and titled) by the phase, not by the evaluator's epoch 1 (issue #18)
+    assert (eval_dir / "levels.png").is_file() and (eval_dir / "mode_frequencies.png").is_file()
+    assert not list(eval_dir.glob("*_epoch*.png"))
     per_image = list(csv.DictReader((eval_dir / "n4_per_image.csv").open()))  # N = the 4 per-level masks
     assert len(per_image) == 4 and {"soft_dice", "soft_dice_5", "ged", "ci"} <= set(per_image[0])
     # the evaluation's soft Dice with G = 3 is the last point of the curve

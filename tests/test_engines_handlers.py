@@ -1,13 +1,16 @@
-"""Small handlers and helpers used by the bundles: checkpoints, loss terms, argv parsing, PNG grids."""
+"""Small handlers and helpers used by the bundles: checkpoints, loss terms, phase lines, argv parsing, PNG grids."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 
 from ambiseg_monai.bundle import inference_items, prepare_dataset
-from ambiseg_monai.handlers import LossTerms, latest_checkpoint, render_sample_grid
+from ambiseg_monai.handlers import LossTerms, PhaseLogger, latest_checkpoint, render_sample_grid
 from ambiseg_monai.reporting.provenance import config_files_from_argv
 
 
@@ -40,6 +43,33 @@ def test_loss_terms_of_a_loss_that_records_them():
     assert list(terms([output])) == ["loss", "reconstruction", "kl"]
     with pytest.raises(TypeError, match="no 'last_terms'"):
         LossTerms(torch.nn.MSELoss())
+
+
+def test_phase_logger_reports_an_evaluation_s_metrics_without_epoch_or_best_value(caplog):
+    """evaluate.json's phases: a line when each starts, its metrics (key metric first) when it ends; no
+    evaluator epoch, no "best" value (issue #18)."""
+    engine = Engine(lambda engine, batch: None)
+    engine.state.key_metric_name = "ged"
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def metrics(engine):  # as the metric handlers, and with a value that is not one number
+        engine.state.metrics.update({"ci": 0.25, "ged": torch.tensor(1.23456), "dmax": 0.5, "per_image": [1, 2]})
+
+    PhaseLogger("evaluation", num_samples=16, split="test", metrics=True).attach(engine)
+    with caplog.at_level(logging.INFO, logger="ambiseg"):
+        engine.run([0, 1], max_epochs=1)
+    started, ended = (record.getMessage() for record in caplog.records)
+    assert started == "evaluation (N = 16 samples per image, split 'test')"
+    assert ended.startswith("results of evaluation (N = 16 samples per image, split 'test'): ")
+    assert ended.split("): ", 1)[1].rsplit(" [", 1)[0] == "ged 1.2346, ci 0.2500, dmax 0.5000"
+    assert "epoch" not in ended.lower() and "best" not in ended.lower()
+    # validation during training leaves its metrics line to StatsHandler
+    caplog.clear()
+    validator = Engine(lambda engine, batch: None)
+    PhaseLogger("validation", num_samples=4).attach(validator)
+    with caplog.at_level(logging.INFO, logger="ambiseg"):
+        validator.run([0], max_epochs=1)
+    assert [record.getMessage() for record in caplog.records] == ["validation after epoch 1 (N = 4 samples per image)"]
 
 
 def test_config_files_from_argv_reads_monai_bundle_command_lines():

@@ -87,6 +87,7 @@ def test_each_sample_grid_is_logged_once(store):
         # evaluation: the grids and plots land once, with the evaluation folder, at the artifact root
         evaluation = {a.path for a in client.list_artifacts(by_kind["evaluation"])}
         assert {"n4_samples.png", "n16_samples.png"} <= evaluation, evaluation
+        assert {"n4_mode_frequencies.png", "n16_mode_frequencies.png"} <= evaluation, evaluation  # not _epoch0001
         assert not {"samples", "truth"} & evaluation, evaluation
 
 

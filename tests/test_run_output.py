@@ -1,6 +1,7 @@
 """What the README's main command prints (issue #18): no warning, one line per epoch, labelled validation, a
 summary; a finished training run again says so and logs nothing; a resumed training continues its MLflow run;
-an evaluation names its N = 4 and N = 16 phases and ends with a summary, and so does an inference.
+an evaluation names its N = 4 and N = 16 phases, reports each one's metrics (no evaluator epoch or "best value"
+lines) and ends with a summary, and an inference names its phase and ends with a summary.
 
 The command is run as the README runs it (``python -m monai.bundle run training --config_file
 bundles/cimd/configs/train.json``, from the repository root) with a tiny budget, as a subprocess, so that
@@ -129,8 +130,17 @@ def test_evaluation_names_both_phases_and_ends_with_the_summary(evaluation_and_i
         "evaluation (N = 4 samples per image, 4 images of split 'test')",
         "evaluation (N = 16 samples per image, 4 images of split 'test')",
     ]
-    # Ignite's engine lines repeat what the phase lines and the summary say (logging.conf: WARNING)
-    assert not any("Engine run resuming" in line or "Got new best metric" in line for line in lines)
+    # Ignite's engine lines repeat what the phase lines and the summary say (logging.conf: WARNING); an
+    # evaluator's epoch (always 1) and "best" value say nothing: no StatsHandler epoch lines either, each
+    # phase's metrics are in its results line (key metric first)
+    misleading = re.compile(r"Engine run resuming|Got new best metric|Epoch\[\d+\]|Key metric|best value|at epoch")
+    assert not [line for line in lines if misleading.search(line)]
+    results = [line.split(" - INFO - ", 1)[-1] for line in lines if " - ambiseg - INFO - results of evaluation" in line]
+    assert [result.split(": ged ", 1)[0] for result in results] == [
+        "results of evaluation (N = 4 samples per image, 4 images of split 'test')",
+        "results of evaluation (N = 16 samples per image, 4 images of split 'test')",
+    ]
+    assert all(re.search(r", dmax \d\.\d{4},.*, truth_ged \d\.\d{4}, .* \[\d+\.\d s\]$", r) for r in results), results
     summary = "\n".join(lines[-4:])
     assert "evaluation finished: 4 images of split 'test'" in summary
     assert f"tables:      {root / 'run' / 'eval'} (" in summary and "n16_per_image.csv" in summary
@@ -143,5 +153,6 @@ def test_inference_names_its_phase_and_ends_with_the_folder_written(evaluation_a
     root, (_, inference) = evaluation_and_inference
     lines = [line.split(" - INFO - ", 1)[-1] for line in inference.splitlines() if line.strip()]
     assert "inference (N = 2 samples per image, 4 images)" in lines
+    assert not [line for line in lines if re.search(r"Epoch\[\d+\]|Key metric|best value|Engine run", line)]
     assert "inference finished: 4 images" in lines[-2]
     assert lines[-1].startswith(f"  NIfTI:       {root / 'run' / 'inference'} (")

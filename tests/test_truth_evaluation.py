@@ -10,6 +10,7 @@ from monai.transforms import Compose
 
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import lobe_regions
+from ambiseg_monai.handlers import truth
 from ambiseg_monai.handlers.truth import TruthMetricsHandler
 from ambiseg_monai.transforms.loading import LoadImage2Dd, LoadTruthd
 
@@ -48,8 +49,8 @@ def test_load_truth_rejects_a_mismatched_truth_and_passes_items_without_one(smal
     assert LoadTruthd()({"image": "x"}) == {"image": "x"}
 
 
-def _run_handler(batch, samples: torch.Tensor, tmp_path) -> tuple[dict, TruthMetricsHandler]:
-    handler = TruthMetricsHandler(output_dir=tmp_path)
+def _run_handler(batch, samples: torch.Tensor, tmp_path, **options) -> tuple[dict, TruthMetricsHandler]:
+    handler = TruthMetricsHandler(output_dir=tmp_path, **options)
     engine = Engine(lambda engine, data: {"pred": samples})
     handler.attach(engine)
     engine.run([batch], max_epochs=1)
@@ -114,3 +115,32 @@ def test_loggers_attached_after_the_handler_see_this_runs_scores(truth_batch):
     true_empty = [item["truth"]["empty_probability"] for item in items]
     assert seen[0] == pytest.approx(sum(1 - p for p in true_empty) / len(items))  # every sample empty
     assert seen[1] == pytest.approx(sum(true_empty) / len(items))  # no sample empty
+
+
+def test_plot_is_named_and_titled_by_phase(truth_batch, tmp_path, monkeypatch):
+    """Validation during training: ``<prefix>_epoch<E>.png`` titled with the epoch; a stand-alone evaluation
+    (evaluate.json): ``<prefix>.png`` titled with the phase and split, not the evaluator's epoch 1 (issue #18)."""
+    items, batch = truth_batch
+    titles = {}
+    save = truth.save_figure
+
+    def keep(fig, path, dpi):
+        titles[path.name] = fig.get_suptitle()
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(truth, "save_figure", keep)
+    samples = torch.zeros(len(items), 4, 16, 16)
+    _, validation = _run_handler(batch, samples, tmp_path / "samples")
+    _, evaluation = _run_handler(
+        batch, samples, tmp_path / "eval", prefix="n4_mode_frequencies", phase="evaluation", split="test", name="cimd"
+    )
+    assert [p.name for p in validation.written] == ["mode_frequencies_epoch0001.png"]
+    assert [p.name for p in evaluation.written] == ["n4_mode_frequencies.png"]
+    assert titles["mode_frequencies_epoch0001.png"].startswith(
+        "sampled vs true mode frequencies (epoch 1, N = 4 samples per image; mode TV "
+    )
+    evaluation_title = titles["n4_mode_frequencies.png"]
+    assert evaluation_title.startswith(
+        "cimd\nsampled vs true mode frequencies (evaluation, test split, N = 4 samples per image; mode TV "
+    )
+    assert "epoch" not in evaluation_title

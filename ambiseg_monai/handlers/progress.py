@@ -5,7 +5,9 @@
   captured output get the epoch line alone). MONAI's ``StatsHandler`` prints per-iteration lines on request
   (the bundles' ``log_every_iteration``).
 - :class:`PhaseLogger`: names a validation or evaluation phase when it starts: which split, how many images
-  and how many samples per image.
+  and how many samples per image; for an evaluation (``metrics=True``), its metrics when it ends, in place of
+  MONAI's ``StatsHandler`` lines (``Epoch[1] Metrics``, ``Key metric: ... best value ... at epoch: 1``: an
+  evaluator's epoch and "best" value say nothing).
 - :class:`TrainingSummary`: at the end of a training, where the checkpoints and samples went, the best
   metric, the MLflow run id and the ``mlflow ui`` command; on the re-run of a finished training, that it is
   finished (nothing was trained, nothing logged).
@@ -29,6 +31,7 @@ __all__ = [
     "EpochLossLogger",
     "PhaseLogger",
     "RunSummary",
+    "format_metrics",
     "TrainingSummary",
     "training_already_finished",
     "mlflow_ui_command",
@@ -128,29 +131,65 @@ class EpochLossLogger:
         )
 
 
+def _scalar(value: Any) -> float | None:
+    """``value`` as a float when it is one number (a Python number, a one-element tensor or array), else None."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # a dict, a list, a tensor of several values
+        return None
+
+
+def format_metrics(metrics: Mapping[str, Any], first: str | None = None) -> str:
+    """``ged 1.1324, ci 0.1612, dmax 0.1794, ...``: ``first`` (the key metric) first, then by name; values that
+    are not one number are left out."""
+    values = {str(k): v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+    order = ([first] if first in values else []) + sorted(k for k in values if k != first)
+    return ", ".join(f"{k} {values[k]:.4f}" for k in order)
+
+
 class PhaseLogger:
-    """Name a validation or evaluation phase when its engine starts.
+    """Name a validation or evaluation phase when its engine starts; with ``metrics``, report its metrics
+    when it ends.
 
     ``validation after epoch 10 (N = 4 samples per image, 16 images of split 'validation')``,
-    ``evaluation (N = 16 samples per image, 16 images of split 'test')``
+    ``evaluation (N = 16 samples per image, 16 images of split 'test')``, and at the end of the evaluation
+    ``results of evaluation (N = 16 samples per image, 16 images of split 'test'): ged 0.2513, ci 0.7011,
+    ... [12.3 s]`` (the key metric first).
 
     Args:
-        label: the phase (``validation``, ``evaluation N = 16``, ``inference``).
+        label: the phase (``validation``, ``evaluation``, ``inference``).
         num_samples: samples per image (None: not said).
         split: the dataset split the images come from (None: not said).
+        metrics: log ``engine.state.metrics`` when the engine completes (a stand-alone evaluation, whose
+            config has no ``StatsHandler`` epoch lines); validation during training leaves them to
+            ``StatsHandler``.
         name: logger name.
     """
 
-    def __init__(self, label: str, num_samples: int | None = None, split: str | None = None, name: str = "ambiseg"):
+    def __init__(
+        self,
+        label: str,
+        num_samples: int | None = None,
+        split: str | None = None,
+        metrics: bool = False,
+        name: str = "ambiseg",
+    ):
         self.label = label
         self.num_samples = num_samples
         self.split = split
+        self.metrics = bool(metrics)
         self.logger = logging.getLogger(name)
+        self._started = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
+        if self.metrics:
+            # COMPLETED: after every metric handler's EPOCH_COMPLETED, whatever the order of the handler list
+            engine.add_event_handler(Events.COMPLETED, self.completed)
 
-    def __call__(self, engine: Engine) -> None:
+    def _details(self, engine: Engine) -> str:
         size = _dataset_size(engine)
         parts = []
         if self.num_samples is not None:
@@ -160,8 +199,18 @@ class PhaseLogger:
             parts.append(images + (f" of split '{self.split}'" if self.split else ""))
         elif self.split:
             parts.append(f"split '{self.split}'")
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def __call__(self, engine: Engine) -> None:
+        self._started = time.perf_counter()
         when = f" after epoch {engine.state.max_epochs}" if self.label == "validation" else ""
-        self.logger.info(f"{self.label}{when} ({', '.join(parts)})" if parts else f"{self.label}{when}")
+        self.logger.info(f"{self.label}{when}{self._details(engine)}")
+
+    def completed(self, engine: Engine) -> None:
+        """``results of <label> (<details>): <metrics> [<seconds> s]``."""
+        seconds = time.perf_counter() - self._started
+        listed = format_metrics(engine.state.metrics, getattr(engine.state, "key_metric_name", None))
+        self.logger.info(f"results of {self.label}{self._details(engine)}: {listed or 'no metrics'} [{seconds:.1f} s]")
 
 
 class TrainingSummary:

@@ -13,7 +13,15 @@ from matplotlib.figure import Figure
 from ambiseg_monai.handlers.metrics import as_batch, batch_field
 from ambiseg_monai.handlers.mlflow_logging import log_artifact
 
-__all__ = ["sample_grid_figure", "render_sample_grid", "log_figure", "run_label", "SampleGridHandler"]
+__all__ = [
+    "sample_grid_figure",
+    "render_sample_grid",
+    "log_figure",
+    "run_label",
+    "phase_caption",
+    "figure_stem",
+    "SampleGridHandler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +138,20 @@ def run_label(mlflow_handler) -> str | None:
     return " · ".join(str(part) for part in (experiment, run.info.run_name) if part)
 
 
+def phase_caption(phase: str | None, split: str | None, epoch: int, num_samples: int) -> str:
+    """What a figure of an evaluator run shows: ``evaluation, test split, N = 16 samples per image`` for a
+    stand-alone phase, ``epoch 10, N = 4 samples per image`` for validation during training (``phase=None``:
+    the engine's epoch is the trainer's; an evaluator's own epoch, always 1, would say nothing)."""
+    when = f"epoch {epoch}" if phase is None else phase + (f", {split} split" if split else "")
+    return f"{when}, N = {num_samples} samples per image"
+
+
+def figure_stem(prefix: str, phase: str | None, epoch: int) -> str:
+    """File name (without ``.png``) of a figure of an evaluator run: ``<prefix>_epoch<E>`` during training
+    (one per validation), ``<prefix>`` for a stand-alone phase (one per run)."""
+    return f"{prefix}_epoch{epoch:04d}" if phase is None else prefix
+
+
 class SampleGridHandler:
     """After the first iteration of each evaluator run, render the batch as a PNG grid.
 
@@ -194,11 +216,7 @@ class SampleGridHandler:
     def title(self, engine: Engine, num_samples: int) -> str:
         """``cimd · cimd_20260101_120000 — evaluation, test split, N = 16 samples per image`` (validation
         during training: ``... — epoch 10, N = 4 samples per image``)."""
-        if self.phase is None:
-            when = f"epoch {engine.state.epoch}"
-        else:
-            when = self.phase + (f", {self.split} split" if self.split else "")
-        what = f"{when}, N = {num_samples} samples per image"
+        what = phase_caption(self.phase, self.split, engine.state.epoch, num_samples)
         label = self.name or run_label(self.mlflow_handler)
         return f"{label} — {what}" if label else what
 
@@ -216,7 +234,7 @@ class SampleGridHandler:
         rater_mask = self._field(batch, "rater_mask")
         case_ids = self._field(batch, "case_id")
         k = self.max_images
-        name = f"{self.prefix}_epoch{engine.state.epoch:04d}" if self.phase is None else self.prefix
+        name = figure_stem(self.prefix, self.phase, engine.state.epoch)
         path = render_sample_grid(
             _numpy(images)[:k],
             None if raters is None else _numpy(raters)[:k],
