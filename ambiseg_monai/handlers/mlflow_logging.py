@@ -6,11 +6,13 @@ run through the handler's client, so every bundle writes one run per training to
 (``sqlite:///mlruns.db`` by default):
 
 - :class:`ProvenanceHandler`: the one place for what a run was: its parameters (the resolved
-  hyperparameters and the whole config as written), the executed config and config files, dataset identity and
-  code version (see :func:`ambiseg_monai.reporting.provenance.log_provenance`);
+  hyperparameters and the whole config as written), the executed config and config files, dataset identity (also
+  as the run's MLflow dataset input), source and code version (see
+  :func:`ambiseg_monai.reporting.provenance.log_provenance`);
 - :class:`MLflowMetricsLogger`: ``engine.state.metrics`` under a name prefix (``test_n16_ged``);
 - :class:`GuardedMLFlowHandler`: ``MLFlowHandler`` whose client survives a tracking server failing mid-run
-  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`).
+  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`) and whose experiments open in MLflow 3's
+  training view.
 
 Per-image tables are written by :class:`~ambiseg_monai.handlers.PerImageMetricsWriter` and logged with the
 evaluation folder (``MLFlowHandler(artifacts=...)``); loss terms by
@@ -38,8 +40,11 @@ from ambiseg_monai.reporting.provenance import (
     config_files_from_argv,
     executed_config_from_argv,
     load_config,
+    log_dataset_input,
     log_executed_config,
     log_provenance,
+    mark_training_experiment,
+    source_tags,
 )
 
 __all__ = [
@@ -103,7 +108,11 @@ class ProvenanceHandler:
     - params: the resolved hyperparameters, unprefixed (``learning_rate``, ``max_epochs``, ...: every
       top-level config value known without running the bundle, plus ``params``), and the whole config as
       written, flattened under ``config.`` (``config.network_def.denoiser.channels.0``);
-    - tags ``ambiseg.bundle / run_kind / dataset / datalist_sha256 / code_version / git_describe``;
+    - tags ``ambiseg.bundle / run_kind / dataset / datalist_sha256 / code_version / git_describe``, and MLflow's
+      own ``mlflow.source.type / name / git.commit`` (the Source field of the MLflow UI; see
+      :func:`~ambiseg_monai.reporting.provenance.source_tags`);
+    - the dataset as the run's MLflow dataset input (name, digest of ``datalist.json``, source path, split sizes;
+      context: the run kind), see :func:`~ambiseg_monai.reporting.provenance.log_dataset_input`;
     - artifacts ``config/executed_config.json`` (the config files merged in order plus the command line's
       overrides) and, when the config came from files, a copy of each under ``config/files/``.
 
@@ -138,14 +147,17 @@ class ProvenanceHandler:
         is_main_process: bool = True,
     ) -> None:
         # read the config now, so that a wrong path fails when the bundle is parsed, not after setup
+        # the config files as the command line names them: the run's source (mlflow.source.name)
+        self.source_files = config_files_from_argv()[0]
         if config is None:
             self.config = config_being_parsed() or executed_config_from_argv()
-            files: list[str | os.PathLike] = list(config_files_from_argv()[0]) if self.config is not None else []
+            files: list[str | os.PathLike] = list(self.source_files) if self.config is not None else []
         elif isinstance(config, Mapping):
             self.config, files = load_config(config), []
         else:
             files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
             self.config = load_config(files)
+            self.source_files = [str(f) for f in files]
         self.config_files = [Path(f) for f in files if Path(f).is_file()]
         if dataset_dir is not None and not Path(dataset_dir).is_dir():
             raise FileNotFoundError(f"{type(self).__name__}: dataset_dir {dataset_dir} is not a folder.")
@@ -178,10 +190,13 @@ class ProvenanceHandler:
             self.dataset_dir,
             self.bundle,
             self.run_kind,
+            extra_tags=source_tags(self.source_files),
             log_config_file=False,
             params=self.params,
             log_hyperparameters=self.log_hyperparameters,
         )
+        if self.dataset_dir is not None:
+            log_dataset_input(client, run_id, self.dataset_dir, context=self.run_kind)
         if self.log_config_file:
             self._log_config_artifacts(client, run_id)
         self.logged_run_id = run_id
@@ -246,6 +261,9 @@ class GuardedMLFlowHandler(MLFlowHandler):
         kwargs: the other ``MLFlowHandler`` arguments.
 
     A trainer resumed at its last epoch (a finished training run again) starts no run and logs nothing.
+
+    The experiment is tagged to open in MLflow 3's training view rather than its GenAI view (unless its kind is
+    already set; :func:`~ambiseg_monai.reporting.provenance.mark_training_experiment`).
     """
 
     def __init__(
@@ -287,6 +305,13 @@ class GuardedMLFlowHandler(MLFlowHandler):
             return None
         run_id = record.get("run_id")
         return run_id if isinstance(run_id, str) and run_id else None
+
+    def _set_experiment(self) -> None:
+        """MONAI's experiment look-up (created when missing), then the experiment-kind tag when it has none."""
+        known = self.experiment is not None
+        super()._set_experiment()
+        if not known and self.experiment is not None:
+            mark_training_experiment(self.client, self.experiment)
 
     def start(self, engine: Engine) -> None:
         """Start (or continue, see ``continue_run``) the run; nothing for a finished training run again."""

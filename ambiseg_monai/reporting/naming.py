@@ -35,6 +35,8 @@ __all__ = [
     "TAG_RUN_KIND",
     "TAG_COMPARED_RUNS",
     "TAG_SYNCED_FROM",
+    "TAG_EXPERIMENT_KIND",
+    "EXPERIMENT_KIND",
     "RUN_KINDS",
     "COMPARISON_EXPERIMENT",
     "PER_IMAGE_ARTIFACT_DIR",
@@ -84,6 +86,11 @@ TAG_GIT_DESCRIBE = "ambiseg.git_describe"
 TAG_RUN_KIND = "ambiseg.run_kind"
 TAG_COMPARED_RUNS = "ambiseg.compared_runs"
 TAG_SYNCED_FROM = "ambiseg.synced_from"
+#: The experiment tag MLflow 3's UI reads to choose an experiment's view (its ``ExperimentKind``): unset, the UI
+#: may open an experiment in its GenAI view (traces); ``custom_model_development`` opens the training view
+#: (runs, metrics, models). Set on the experiments the bundles and ``ambiseg compare`` create.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_KINDS = ("training", "evaluation", "inference", "comparison")
 
 COMPARISON_EXPERIMENT = "ambiseg_comparisons"
