@@ -1,6 +1,6 @@
 """MLflow as its users expect (issue #18), read back from the SQLite store: a training logs its trained model as an
 MLflow model (switch ``log_mlflow_model``), its dataset as an input, MLflow's source and git tags, and its
-experiment opens in MLflow 3's training view.
+experiment is tagged as an MLflow 3 model-training experiment.
 
 The README's main command runs with a tiny budget as a subprocess, from the repository root, as a user runs it.
 """
@@ -224,7 +224,7 @@ def test_an_experiment_kind_already_set_is_kept(tmp_path):
     assert client.get_experiment(plain).tags[naming.TAG_EXPERIMENT_KIND] == "custom_model_development"
 
 
-def test_comparison_experiment_opens_in_the_training_view(tmp_path):
+def test_comparison_experiment_is_a_model_training_experiment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = mlflow.MlflowClient(uri)
     experiment_id = _comparison_experiment_id(client, naming.COMPARISON_EXPERIMENT, uri)

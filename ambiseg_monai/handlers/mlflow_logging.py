@@ -13,8 +13,8 @@ run through the handler's client, so every bundle writes one run per training to
 - :class:`MLflowModelLogger`: at the end of a training, the trained model as an MLflow model (a ``pyfunc``
   sampling N masks plus mean and variance maps, see :mod:`ambiseg_monai.reporting.mlflow_model`);
 - :class:`GuardedMLFlowHandler`: ``MLFlowHandler`` whose client survives a tracking server failing mid-run
-  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`) and whose experiments open in MLflow 3's
-  training view.
+  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`) and whose experiments are tagged as MLflow 3
+  model-training experiments.
 
 Per-image tables are written by :class:`~ambiseg_monai.handlers.PerImageMetricsWriter` and logged with the
 evaluation folder (``MLFlowHandler(artifacts=...)``); loss terms by
@@ -467,7 +467,7 @@ class GuardedMLFlowHandler(MLFlowHandler):
 
     A trainer resumed at its last epoch (a finished training run again) starts no run and logs nothing.
 
-    The experiment is tagged to open in MLflow 3's training view rather than its GenAI view (unless its kind is
+    The experiment is tagged as an MLflow 3 model-training experiment, not a GenAI one (unless its kind is
     already set; :func:`~ambiseg_monai.reporting.provenance.mark_training_experiment`).
     """
 

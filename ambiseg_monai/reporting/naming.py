@@ -86,9 +86,10 @@ TAG_GIT_DESCRIBE = "ambiseg.git_describe"
 TAG_RUN_KIND = "ambiseg.run_kind"
 TAG_COMPARED_RUNS = "ambiseg.compared_runs"
 TAG_SYNCED_FROM = "ambiseg.synced_from"
-#: The experiment tag MLflow 3's UI reads to choose an experiment's view (its ``ExperimentKind``): unset, the UI
-#: may open an experiment in its GenAI view (traces); ``custom_model_development`` opens the training view
-#: (runs, metrics, models). Set on the experiments the bundles and ``ambiseg compare`` create.
+#: MLflow 3's experiment kind (its ``ExperimentKind``): ``custom_model_development`` marks a model-training
+#: experiment (runs, metrics, models), ``genai_development`` a GenAI one (traces); MLflow's tools and the UI's
+#: kind selector read it. Set on the experiments the bundles and ``ambiseg compare`` create. (MLflow 3.17's UI
+#: picks its view with its own GenAI / Model training switch instead; see docs/comparison.md.)
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 RUN_KINDS = ("training", "evaluation", "inference", "comparison")

@@ -373,8 +373,8 @@ def source_tags(config_files: Sequence[str | os.PathLike] = ()) -> dict[str, str
 
 
 def mark_training_experiment(client: mlflow.MlflowClient, experiment: Any) -> bool:
-    """Tag an experiment so that MLflow 3's UI opens it in its training view (runs, metrics, models) rather than
-    its GenAI view (traces): :data:`naming.TAG_EXPERIMENT_KIND` = :data:`naming.EXPERIMENT_KIND`.
+    """Tag an experiment as a model-training experiment (runs, metrics, models), not a GenAI one (traces), with
+    MLflow 3's experiment-kind tag: :data:`naming.TAG_EXPERIMENT_KIND` = :data:`naming.EXPERIMENT_KIND`.
 
     An experiment whose kind is already set (by a user, or in the UI) keeps it. Returns True when the tag was set.
 
