@@ -52,7 +52,7 @@ setup(
         "nibabel>=5.2",
         "SimpleITK>=2.3",
         "pydicom>=3.0",
-        "mlflow>=2.16",
+        "mlflow>=3.0",  # logged models (MlflowClient.create_logged_model, ...): the trained model as an MLflow model
         "pyyaml>=6.0",
         "fire>=0.6",
         "jsonschema>=4.20",

@@ -249,6 +249,20 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         ),
         "validate#mlflow_handler#run_id_file": "@mlflow_run_file",
         "validate#mlflow_handler#continue_run": True,
+        # Issue #18, MLflow as its users expect: the end of a training logs the trained model as an MLflow model
+        # (MLflowModelLogger, before MLFlowHandler ends the run; switch log_mlflow_model, default true)
+        "log_mlflow_model": True,
+        "train#handlers#7": Inserted(
+            {
+                "_target_": "ambiseg_monai.handlers.MLflowModelLogger",
+                "_disabled_": "@is_not_rank0",
+                "enabled": "@log_mlflow_model",
+                "mlflow_handler": "@train#mlflow_handler",
+                "checkpoint": "$@ckpt_dir + '/model.pt'",
+                "inference_config": "$@bundle_root + '/configs/inference.json'",
+                "validator": "@validate#evaluator",
+            }
+        ),
     },
     "evaluate.json": {
         "evaluate#mlflow_handler#experiment_param": REMOVED,

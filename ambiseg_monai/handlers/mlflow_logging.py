@@ -1,16 +1,20 @@
-"""MLflow handlers shared by the bundles: the run's provenance and parameters, metrics under a prefix, a
-failure-tolerant ``MLFlowHandler``, and the helpers they share (run names, artifacts).
+"""MLflow handlers shared by the bundles: the run's provenance and parameters, metrics under a prefix, the trained
+model as an MLflow model, a failure-tolerant ``MLFlowHandler``, and the helpers they share (run names, artifacts).
 
 MONAI's ``MLFlowHandler`` owns the run (tracking URI, experiment, metrics). The handlers here log into *that*
 run through the handler's client, so every bundle writes one run per training to the shared store
 (``sqlite:///mlruns.db`` by default):
 
 - :class:`ProvenanceHandler`: the one place for what a run was: its parameters (the resolved
-  hyperparameters and the whole config as written), the executed config and config files, dataset identity and
-  code version (see :func:`ambiseg_monai.reporting.provenance.log_provenance`);
+  hyperparameters and the whole config as written), the executed config and config files, dataset identity (also
+  as the run's MLflow dataset input), source and code version (see
+  :func:`ambiseg_monai.reporting.provenance.log_provenance`);
 - :class:`MLflowMetricsLogger`: ``engine.state.metrics`` under a name prefix (``test_n16_ged``);
+- :class:`MLflowModelLogger`: at the end of a training, the trained model as an MLflow model (a ``pyfunc``
+  sampling N masks plus mean and variance maps, see :mod:`ambiseg_monai.reporting.mlflow_model`);
 - :class:`GuardedMLFlowHandler`: ``MLFlowHandler`` whose client survives a tracking server failing mid-run
-  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`).
+  (see :class:`ambiseg_monai.reporting.tracking.FailoverClient`) and whose experiments are tagged as MLflow 3
+  model-training experiments.
 
 Per-image tables are written by :class:`~ambiseg_monai.handlers.PerImageMetricsWriter` and logged with the
 evaluation folder (``MLFlowHandler(artifacts=...)``); loss terms by
@@ -31,15 +35,26 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from ambiseg_monai.handlers.checkpoint import latest_checkpoint
 from ambiseg_monai.handlers.progress import training_already_finished
 from ambiseg_monai.reporting import naming
+from ambiseg_monai.reporting.mlflow_model import (
+    MODEL_NAME,
+    checkpoint_state_dict,
+    log_segmentation_model,
+    model_bundle_config,
+)
 from ambiseg_monai.reporting.provenance import (
     config_being_parsed,
     config_files_from_argv,
     executed_config_from_argv,
     load_config,
+    log_dataset_input,
     log_executed_config,
     log_provenance,
+    mark_training_experiment,
+    parser_being_parsed,
+    source_tags,
 )
 
 __all__ = [
@@ -48,6 +63,7 @@ __all__ = [
     "log_artifact",
     "ProvenanceHandler",
     "MLflowMetricsLogger",
+    "MLflowModelLogger",
     "GuardedMLFlowHandler",
 ]
 
@@ -103,7 +119,11 @@ class ProvenanceHandler:
     - params: the resolved hyperparameters, unprefixed (``learning_rate``, ``max_epochs``, ...: every
       top-level config value known without running the bundle, plus ``params``), and the whole config as
       written, flattened under ``config.`` (``config.network_def.denoiser.channels.0``);
-    - tags ``ambiseg.bundle / run_kind / dataset / datalist_sha256 / code_version / git_describe``;
+    - tags ``ambiseg.bundle / run_kind / dataset / datalist_sha256 / code_version / git_describe``, and MLflow's
+      own ``mlflow.source.type / name / git.commit`` (the Source field of the MLflow UI; see
+      :func:`~ambiseg_monai.reporting.provenance.source_tags`);
+    - the dataset as the run's MLflow dataset input (name, digest of ``datalist.json``, source path, split sizes;
+      context: the run kind), see :func:`~ambiseg_monai.reporting.provenance.log_dataset_input`;
     - artifacts ``config/executed_config.json`` (the config files merged in order plus the command line's
       overrides) and, when the config came from files, a copy of each under ``config/files/``.
 
@@ -138,14 +158,17 @@ class ProvenanceHandler:
         is_main_process: bool = True,
     ) -> None:
         # read the config now, so that a wrong path fails when the bundle is parsed, not after setup
+        # the config files as the command line names them: the run's source (mlflow.source.name)
+        self.source_files = config_files_from_argv()[0]
         if config is None:
             self.config = config_being_parsed() or executed_config_from_argv()
-            files: list[str | os.PathLike] = list(config_files_from_argv()[0]) if self.config is not None else []
+            files: list[str | os.PathLike] = list(self.source_files) if self.config is not None else []
         elif isinstance(config, Mapping):
             self.config, files = load_config(config), []
         else:
             files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
             self.config = load_config(files)
+            self.source_files = [str(f) for f in files]
         self.config_files = [Path(f) for f in files if Path(f).is_file()]
         if dataset_dir is not None and not Path(dataset_dir).is_dir():
             raise FileNotFoundError(f"{type(self).__name__}: dataset_dir {dataset_dir} is not a folder.")
@@ -178,10 +201,13 @@ class ProvenanceHandler:
             self.dataset_dir,
             self.bundle,
             self.run_kind,
+            extra_tags=source_tags(self.source_files),
             log_config_file=False,
             params=self.params,
             log_hyperparameters=self.log_hyperparameters,
         )
+        if self.dataset_dir is not None:
+            log_dataset_input(client, run_id, self.dataset_dir, context=self.run_kind)
         if self.log_config_file:
             self._log_config_artifacts(client, run_id)
         self.logged_run_id = run_id
@@ -222,6 +248,200 @@ class MLflowMetricsLogger:
                 self.mlflow_handler.client.log_metric(run_id, f"{self.prefix}{name}", float(value))
 
 
+class MLflowModelLogger:
+    """At the end of a training, log the trained model to the training's MLflow run as an MLflow model: a
+    ``pyfunc`` taking images B x C x H x W and returning N masks plus mean and variance maps, loadable with
+    ``mlflow.pyfunc.load_model`` and servable with ``mlflow models serve`` (see
+    :mod:`ambiseg_monai.reporting.mlflow_model`; docs/deploy.md).
+
+    The model is what the bundle's ``inference.json`` would run: the weights it loads (the ``load_dict`` entry,
+    e.g. ``ema``, of ``checkpoint``, the best checkpoint ``model.pt``; when no validation has written it yet, the
+    same entry of the newest training checkpoint in its folder), and its ``infer#inferer`` and
+    ``infer#postprocessing`` built from the executed training config with ``inference_config`` on top (without
+    an inference config: the validation's inferer and post-processing). The images it takes have the shape of
+    the training images (C x H x W of the last training batch). The model's step is the epoch of its weights
+    (the validator's best epoch), so that the MLflow UI lists that epoch's metrics with the model.
+
+    Logging prints one line: the model URI, where the weights come from, the seconds it took and the
+    ``MLFLOW_TRACKING_URI=<store> mlflow models serve ...`` command. A training run again after it finished logs
+    nothing; without an MLflow run there is nothing to log to. A failure (e.g. a checkpoint that cannot be read,
+    the tracking store) is logged as a warning: the training and its checkpoints are complete either way.
+
+    Args:
+        mlflow_handler: the trainer's MONAI ``MLFlowHandler`` (its run receives the model). Attach this handler
+            before it: the bundles' ``MLFlowHandler`` ends its run at ``Events.COMPLETED``.
+        checkpoint: the checkpoint ``inference.json`` loads (``$@ckpt_dir + '/model.pt'``).
+        checkpoint_key: the checkpoint entry holding the weights (``ema``, ``network``); default: the one key of
+            the config's ``ckpt_load_dict`` (what evaluation and inference load), else none (a plain state dict).
+        inference_config: the bundle's ``inference.json`` (read when this handler is built; ``%`` macros resolved
+            from the working directory, as ``monai.bundle run`` does); None, a missing or unreadable file: the
+            validation's sampler (``fallback_ids``). The model's tag ``ambiseg.sampler`` says which it is.
+        config: the executed training config; default: the config of the bundle parser building this handler,
+            whose resolved values (e.g. ``num_raters``) are written into the model's config.
+        validator: the validation evaluator (its best epoch is the model's step), or None.
+        network_id, inferer_id, postprocessing_id: config ids of the network, the N-sample inferer and its
+            post-processing in the merged config.
+        fallback_ids: ``(inferer_id, postprocessing_id)`` without an inference config.
+        name: the model's name (``runs:/<run id>/<name>``).
+        enabled: the bundles' switch ``log_mlflow_model``; False (or, as ``python -m monai.bundle run`` passes
+            ``--log_mlflow_model false``, the string ``"false"``, ``"0"``, ``"no"``, ``"off"``) logs nothing.
+        is_main_process: False on non-zero ranks of a distributed run (nothing is logged there).
+    """
+
+    def __init__(
+        self,
+        mlflow_handler: Any,
+        checkpoint: str | os.PathLike,
+        checkpoint_key: str | None = None,
+        inference_config: str | os.PathLike | None = None,
+        config: Mapping[str, Any] | None = None,
+        validator: Engine | None = None,
+        network_id: str = "network_def",
+        inferer_id: str = "infer#inferer",
+        postprocessing_id: str | None = "infer#postprocessing",
+        fallback_ids: tuple[str, str | None] = ("validate#inferer", "validate#postprocessing"),
+        name: str = MODEL_NAME,
+        enabled: bool | str = True,
+        is_main_process: bool = True,
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        if isinstance(enabled, str):
+            enabled = enabled.strip().lower() not in ("false", "0", "no", "off", "")
+        self.enabled = bool(enabled)
+        self.mlflow_handler = mlflow_handler
+        self.checkpoint = Path(checkpoint)
+        self.validator = validator
+        self.network_id = network_id
+        self.inferer_id, self.postprocessing_id = inferer_id, postprocessing_id
+        self.name = name
+        self.is_main_process = is_main_process
+        self.image_shape: tuple[int, ...] | None = None
+        self.finished_before = False
+        self.model_uri: str | None = None
+        self.inference_config: dict | None = None
+        self.checkpoint_key = checkpoint_key
+        if not self.enabled:
+            return
+        parser = parser_being_parsed() if config is None else None
+        if config is None and parser is None:
+            raise ValueError(f"{type(self).__name__}: give the training config (none is being parsed).")
+        self._parser = parser if parser is not None else ConfigParser(dict(config or {}))
+        self.config = json.loads(json.dumps(self._parser.get(), default=str))
+        if checkpoint_key is None and isinstance(self.config.get("ckpt_load_dict"), Mapping):
+            keys = list(self.config["ckpt_load_dict"])
+            if len(keys) != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: ckpt_load_dict names {keys}; give the checkpoint entry of the network "
+                    "(checkpoint_key)."
+                )
+            self.checkpoint_key = keys[0]
+        self.sampler_source = f"{self.inferer_id} of {inference_config}"
+        try:
+            if inference_config is None or not Path(inference_config).is_file():
+                raise FileNotFoundError(f"no inference config {inference_config}")
+            inference = ConfigParser()
+            inference.read_config(str(inference_config))
+            inference.resolve_macro_and_relative_ids()
+            self.inference_config = inference.get()
+        except (OSError, ValueError, KeyError) as error:
+            # e.g. a merged standalone bundle run from elsewhere: the model samples as the validation does
+            self.inferer_id, self.postprocessing_id = fallback_ids
+            self.sampler_source = f"{self.inferer_id} ({type(error).__name__}: {error})"
+
+    def attach(self, engine: Engine) -> None:
+        """Register on the trainer: STARTED (a finished training run again?), each iteration (the image shape),
+        COMPLETED (log the model); nothing when not ``enabled``."""
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_image_shape)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _on_started(self, engine: Engine) -> None:
+        self.finished_before = training_already_finished(engine)
+
+    def _record_image_shape(self, engine: Engine) -> None:
+        if self.image_shape is None:
+            batch = engine.state.batch
+            image = batch.get("image") if isinstance(batch, Mapping) else None
+            if image is not None and getattr(image, "ndim", 0) == 4:
+                self.image_shape = tuple(int(s) for s in image.shape[1:])
+
+    def _weights(self) -> tuple[Path, str]:
+        """The checkpoint file to read and a description of it (best, or newest training checkpoint)."""
+        if self.checkpoint.is_file():
+            state = getattr(self.validator, "state", None)
+            best_epoch = getattr(state, "best_metric_epoch", -1)
+            key = getattr(state, "key_metric_name", None) or "key metric"
+            if best_epoch is not None and best_epoch > 0:
+                return self.checkpoint, f"{self.checkpoint.name}, best {key} at epoch {best_epoch}"
+            return self.checkpoint, self.checkpoint.name
+        newest = latest_checkpoint(self.checkpoint.parent)
+        if newest is None:
+            raise FileNotFoundError(f"neither {self.checkpoint} nor a training checkpoint next to it exists")
+        return newest, f"{newest.name}, no validation has written {self.checkpoint.name}"
+
+    def _step(self, engine: Engine) -> int:
+        best_epoch = getattr(getattr(self.validator, "state", None), "best_metric_epoch", -1)
+        return int(best_epoch) if best_epoch is not None and best_epoch > 0 else int(engine.state.epoch)
+
+    def __call__(self, engine: Engine) -> None:
+        """Log the model (at ``Events.COMPLETED``)."""
+        if not self.enabled or not self.is_main_process or self.finished_before:
+            return
+        run_id = mlflow_run_id(self.mlflow_handler)
+        if run_id is None:
+            logger.warning("MLflow run not started: the trained model is not logged")
+            return
+        try:
+            if self.image_shape is None:
+                raise ValueError("no training batch with an 'image' of shape B x C x H x W was seen")
+            path, source = self._weights()
+            state_dict = checkpoint_state_dict(path, self.checkpoint_key)
+            components = [
+                self.network_id,
+                self.inferer_id,
+                *([self.postprocessing_id] if self.postprocessing_id else []),
+            ]
+            config = model_bundle_config(
+                self.config, self.inference_config, components, self._parser.get_parsed_content
+            )
+            bundle = str(self.config.get("bundle_name") or "")
+            logged = log_segmentation_model(
+                self.mlflow_handler.client,
+                run_id,
+                config,
+                state_dict,
+                self.image_shape,
+                network_id=self.network_id,
+                inferer_id=self.inferer_id,
+                postprocessing_id=self.postprocessing_id,
+                name=self.name,
+                step=self._step(engine),
+                tags={naming.TAG_BUNDLE: bundle, "ambiseg.weights": source, "ambiseg.sampler": self.sampler_source},
+                metadata={
+                    "bundle": bundle,
+                    "weights": source,
+                    "sampler": self.sampler_source,
+                    "image_shape": list(self.image_shape),
+                },
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, mlflow.exceptions.MlflowException) as error:
+            logger.warning(f"the trained model was not logged to MLflow: {type(error).__name__}: {error}")
+            return
+        self.model_uri = logged.model_uri
+        client = self.mlflow_handler.client
+        # the store the model is in (a failover client's offline store once the server failed): `models:/` URIs
+        # are looked up in MLFLOW_TRACKING_URI
+        store = client.offline_uri if getattr(client, "offline", False) else getattr(client, "tracking_uri", None)
+        serve = f"mlflow models serve -m {logged.model_uri} --env-manager local"
+        logging.getLogger("ambiseg").info(
+            f"MLflow model: {logged.model_uri} ({source}; logged in {logged.seconds:.1f} s); serve it with: "
+            + (f"MLFLOW_TRACKING_URI={store} {serve}" if isinstance(store, str) and store else serve)
+        )
+
+
 class GuardedMLFlowHandler(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` whose logging survives the tracking server failing during the run.
 
@@ -246,6 +466,9 @@ class GuardedMLFlowHandler(MLFlowHandler):
         kwargs: the other ``MLFlowHandler`` arguments.
 
     A trainer resumed at its last epoch (a finished training run again) starts no run and logs nothing.
+
+    The experiment is tagged as an MLflow 3 model-training experiment, not a GenAI one (unless its kind is
+    already set; :func:`~ambiseg_monai.reporting.provenance.mark_training_experiment`).
     """
 
     def __init__(
@@ -287,6 +510,13 @@ class GuardedMLFlowHandler(MLFlowHandler):
             return None
         run_id = record.get("run_id")
         return run_id if isinstance(run_id, str) and run_id else None
+
+    def _set_experiment(self) -> None:
+        """MONAI's experiment look-up (created when missing), then the experiment-kind tag when it has none."""
+        known = self.experiment is not None
+        super()._set_experiment()
+        if not known and self.experiment is not None:
+            mark_training_experiment(self.client, self.experiment)
 
     def start(self, engine: Engine) -> None:
         """Start (or continue, see ``continue_run``) the run; nothing for a finished training run again."""

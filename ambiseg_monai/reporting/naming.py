@@ -44,6 +44,8 @@ __all__ = [
     "TAG_RUN_KIND",
     "TAG_COMPARED_RUNS",
     "TAG_SYNCED_FROM",
+    "TAG_EXPERIMENT_KIND",
+    "EXPERIMENT_KIND",
     "RUN_KINDS",
     "COMPARISON_EXPERIMENT",
     "PER_IMAGE_ARTIFACT_DIR",
@@ -98,6 +100,12 @@ TAG_GIT_DESCRIBE = "ambiseg.git_describe"
 TAG_RUN_KIND = "ambiseg.run_kind"
 TAG_COMPARED_RUNS = "ambiseg.compared_runs"
 TAG_SYNCED_FROM = "ambiseg.synced_from"
+#: MLflow 3's experiment kind (its ``ExperimentKind``): ``custom_model_development`` marks a model-training
+#: experiment (runs, metrics, models), ``genai_development`` a GenAI one (traces); MLflow's tools and the UI's
+#: kind selector read it. Set on the experiments the bundles and ``ambiseg compare`` create. (MLflow 3.17's UI
+#: picks its view with its own GenAI / Model training switch instead; see docs/comparison.md.)
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_KINDS = ("training", "evaluation", "inference", "comparison")
 
 COMPARISON_EXPERIMENT = "ambiseg_comparisons"

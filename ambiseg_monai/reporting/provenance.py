@@ -27,6 +27,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.data.meta_dataset import MetaDataset
 
 from ambiseg_monai import __version__
 from ambiseg_monai.reporting import naming
@@ -39,10 +40,16 @@ __all__ = [
     "config_files_from_argv",
     "executed_config_from_argv",
     "config_being_parsed",
+    "parser_being_parsed",
     "datalist_sha256",
     "code_version",
     "git_describe",
+    "git_commit",
     "provenance_tags",
+    "source_tags",
+    "mark_training_experiment",
+    "DatalistDataset",
+    "log_dataset_input",
     "log_provenance",
     "log_executed_config",
     "log_per_image_csv",
@@ -173,14 +180,13 @@ def executed_config_from_argv(argv: Sequence[str] | None = None) -> dict | None:
     return parser.get()
 
 
-def config_being_parsed() -> dict | None:
-    """The config of the ``monai.bundle`` ``ConfigParser`` that is instantiating the caller, as JSON data; None
-    when the caller is not being built from a bundle config.
+def parser_being_parsed():
+    """The ``monai.bundle`` ``ConfigParser`` that is instantiating the caller, or None when the caller is not
+    being built from a bundle config.
 
     A component built from a bundle config (``"_target_": ...``) is created inside
-    ``ConfigParser.get_parsed_content``; the parser is found on the call stack. Its content is the config as it
-    runs: the config files merged, macros expanded, and the overrides applied, however the bundle was started
-    (``python -m monai.bundle run``, ``monai.bundle.run(...)``, an ``args_file``).
+    ``ConfigParser.get_parsed_content``; the parser is found on the call stack. Its values already resolved
+    (e.g. ``num_raters``) can be read from it later with ``get_parsed_content`` at no cost.
     """
     from monai.bundle import ConfigParser
 
@@ -188,9 +194,21 @@ def config_being_parsed() -> dict | None:
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, ConfigParser):
-            return json.loads(json.dumps(owner.get(), default=str))
+            return owner
         frame = frame.f_back
     return None
+
+
+def config_being_parsed() -> dict | None:
+    """The config of the ``monai.bundle`` ``ConfigParser`` that is instantiating the caller, as JSON data; None
+    when the caller is not being built from a bundle config.
+
+    Its content is the config as it runs (see :func:`parser_being_parsed`): the config files merged, macros
+    expanded, and the overrides applied, however the bundle was started (``python -m monai.bundle run``,
+    ``monai.bundle.run(...)``, an ``args_file``).
+    """
+    parser = parser_being_parsed()
+    return None if parser is None else json.loads(json.dumps(parser.get(), default=str))
 
 
 _REFERENCE = "@"
@@ -258,18 +276,16 @@ def datalist_sha256(dataset: str | os.PathLike) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-@functools.cache
-def git_describe() -> str | None:
-    """``git describe --always --tags`` of the ambiseg-monai checkout this package runs from, with
-    ``-dirty`` when tracked files are modified; None for an installed (non-checkout) package or without git.
-    """
+def _checkout_git(*args: str) -> str | None:
+    """Output of ``git <args>`` in the ambiseg-monai checkout this package runs from; None for an installed
+    (non-checkout) package, without git, or when the command fails."""
     package = Path(__file__).resolve().parents[1]
     # GIT_OPTIONAL_LOCKS=0: read-only queries must not refresh (write) the index of the user's checkout.
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
-    def git(*args: str) -> str:
+    def git(*command: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=package, env=env, capture_output=True, text=True, timeout=10, check=True
+            ["git", *command], cwd=package, env=env, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
 
     try:
@@ -277,11 +293,29 @@ def git_describe() -> str | None:
         # must not report that repository's version
         if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:
             return None
-        describe = git("describe", "--always", "--tags")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return git(*args)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@functools.cache
+def git_describe() -> str | None:
+    """``git describe --always --tags`` of the ambiseg-monai checkout this package runs from, with
+    ``-dirty`` when tracked files are modified; None for an installed (non-checkout) package or without git.
+    """
+    describe = _checkout_git("describe", "--always", "--tags")
+    if not describe:
+        return None
+    dirty = _checkout_git("status", "--porcelain", "--untracked-files=no")
     return f"{describe}-dirty" if dirty else describe
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The full commit hash (``git rev-parse HEAD``) of the ambiseg-monai checkout this package runs from; None
+    for an installed (non-checkout) package or without git."""
+    commit = _checkout_git("rev-parse", "HEAD")
+    return commit if commit and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 def code_version() -> str:
@@ -313,6 +347,101 @@ def provenance_tags(
         tags[naming.TAG_DATASET] = str(load_datalist(dataset_dir)["name"])
         tags[naming.TAG_DATALIST_SHA256] = datalist_sha256(dataset_dir)
     return tags
+
+
+def source_tags(config_files: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
+    """MLflow's own source tags of a run, which the MLflow UI shows in its "Source" field.
+
+    - ``mlflow.source.type``: ``LOCAL``;
+    - ``mlflow.source.name``: what was run: the first config file of the command line (e.g.
+      ``bundles/cimd/configs/train.json``, as given), else the script (``sys.argv[0]``), as ``mlflow.start_run``
+      names it;
+    - ``mlflow.source.git.commit``: the commit of the ambiseg-monai checkout (:func:`git_commit`); left out when
+      the package does not run from a git checkout.
+
+    Runs started by MONAI's ``MLFlowHandler`` (``MlflowClient.create_run``) get none of these by themselves.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    files = [str(f) for f in config_files]
+    name = files[0] if files else (sys.argv[0] or "python")
+    tags = {MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_SOURCE_NAME: name}
+    commit = git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def mark_training_experiment(client: mlflow.MlflowClient, experiment: Any) -> bool:
+    """Tag an experiment as a model-training experiment (runs, metrics, models), not a GenAI one (traces), with
+    MLflow 3's experiment-kind tag: :data:`naming.TAG_EXPERIMENT_KIND` = :data:`naming.EXPERIMENT_KIND`.
+
+    An experiment whose kind is already set (by a user, or in the UI) keeps it. Returns True when the tag was set.
+
+    Args:
+        client: MLflow client of the experiment's store.
+        experiment: an ``mlflow.entities.Experiment`` (its tags are read from it) or an experiment id.
+    """
+    if isinstance(experiment, str):
+        experiment = client.get_experiment(experiment)
+    if naming.TAG_EXPERIMENT_KIND in (experiment.tags or {}):
+        return False
+    client.set_experiment_tag(experiment.experiment_id, naming.TAG_EXPERIMENT_KIND, naming.EXPERIMENT_KIND)
+    return True
+
+
+class DatalistDataset(MetaDataset):
+    """A prepared dataset (the data contract's folder) as an MLflow dataset, for ``log_inputs``.
+
+    What the MLflow UI shows for a run's dataset: the name (the dataset folder's name), the digest (the first 16
+    hex digits of :func:`datalist_sha256`, the whole hash is the run tag ``ambiseg.datalist_sha256``), the source
+    (the ``datalist.json`` path) and a profile (the datalist's ``name``, modality, rater count, image channels
+    and the number of cases of each split). The images are not read.
+
+    Args:
+        dataset: the dataset folder or its ``datalist.json``.
+    """
+
+    def __init__(self, dataset: str | os.PathLike) -> None:
+        # registered when mlflow.data is imported (one class per artifact store), unknown to type checkers
+        from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]
+
+        from ambiseg_monai.data.datalist import load_datalist
+
+        path = Path(dataset)
+        folder = path if path.is_dir() else path.parent
+        datalist = load_datalist(folder)
+        self._profile = {
+            "datalist_name": str(datalist.get("name", folder.name)),
+            **{key: datalist[key] for key in ("modality", "num_raters", "image_channels") if key in datalist},
+            **{f"num_{split}": len(datalist.get(split) or []) for split in ("training", "validation", "test")},
+        }
+        source = LocalArtifactDatasetSource(str((folder / "datalist.json").resolve()))
+        super().__init__(source=source, name=folder.resolve().name, digest=datalist_sha256(folder)[:16])
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        """The datalist's name, modality, rater count, image channels and the size of each split."""
+        return dict(self._profile)
+
+    def to_dict(self) -> dict[str, str]:
+        """MLflow's dataset fields (name, digest, source, source type) and the profile, as JSON."""
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_dataset_input(
+    client: mlflow.MlflowClient, run_id: str, dataset_dir: str | os.PathLike, context: str | None = None
+) -> DatalistDataset:
+    """Log a prepared dataset as an input of a run (``MlflowClient.log_inputs``, as ``mlflow.log_input`` does),
+    with the input tag ``mlflow.data.context`` (``training``, ``evaluation``, ...). Logging the same dataset
+    with the same context to a run again changes nothing (MLflow keeps one input per dataset and context)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = DatalistDataset(dataset_dir)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] if context else []
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+    return dataset
 
 
 def log_executed_config(

@@ -306,7 +306,9 @@ def _comparison_experiment_id(client: mlflow.MlflowClient, name: str, tracking_u
     database = sqlite_uri_path(tracking_uri)
     # like MONAI's MLFlowHandler: artifacts of a local SQLite store live in <db folder>/mlruns
     location = (database.resolve().parent / "mlruns").as_uri() if database is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    # a model-training experiment for MLflow 3, as the bundles' experiments (naming.TAG_EXPERIMENT_KIND)
+    tags = {naming.TAG_EXPERIMENT_KIND: naming.EXPERIMENT_KIND}
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def compare_runs(
