@@ -13,6 +13,10 @@ Changes that are meant are listed here, each with its reason:
   ``imports`` entry.
 - ``METRIC_RENAMES``: a published metric renamed (old name -> new name); applied to every string value of
   the snapshot that is exactly the old name (the configs' metric lists).
+- Switches: the configs read every top-level true/false setting through ``ambiseg_monai.bundle.as_flag``
+  (``--amp false`` on the command line is the string "false"); ``as_flag`` of a bool is that bool, so
+  ``as_flag(@amp, 'amp')`` is compared as ``@amp`` (:func:`_switches_read_directly`; that every switch is read
+  through it is ``tests/test_bundle_flags.py``'s concern).
 - ``INTENDED_CHANGES``: values a combination now has on purpose, by config file (``"train.json"``: every
   bundle's; ``"cimd/train.json"``: one bundle's) and id (``a#b#0`` ids allowed; ``REMOVED`` deletes the
   id), applied to the snapshot's merged config before comparing: first those of every bundle, then the
@@ -430,6 +434,30 @@ def _expected(bundle: str, key: str) -> dict:
     return _renamed_expressions(config)
 
 
+_AS_FLAG = re.compile(r"ambiseg_monai\.bundle\.as_flag\(@(\w+), '(\w+)'\)")
+
+
+def _switches_read_directly(config: dict) -> dict:
+    """``config`` with ``ambiseg_monai.bundle.as_flag(@key, 'key')`` replaced by ``@key`` wherever ``key`` is a
+    top-level setting whose value is a bool (``as_flag`` returns that bool): the same components are built."""
+
+    def direct(match: re.Match) -> str:
+        key, name = match.groups()
+        return f"@{key}" if key == name and isinstance(config.get(key), bool) else match.group(0)
+
+    def visit(value):
+        if isinstance(value, dict):
+            return {k: visit(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [visit(v) for v in value]
+        if isinstance(value, str) and value.startswith("$"):
+            text = _AS_FLAG.sub(direct, value)
+            return text[1:] if _AS_FLAG.fullmatch(value[1:]) and text != value else text
+        return value
+
+    return visit(config)
+
+
 def _renamed_metrics(value):
     """``value`` with every string that is exactly a ``METRIC_RENAMES`` old name replaced by the new name."""
     if isinstance(value, dict):
@@ -480,7 +508,7 @@ def _differences(old, new, shared_old, shared_new, path="", out=None, limit=20):
 @pytest.mark.parametrize("bundle, key", CASES, ids=[f"{b}:{k}" for b, k in CASES])
 def test_merged_config_builds_the_same_components_as_before(bundle, key):
     old = _expected(bundle, key)
-    new = merged_config(_files(bundle, key), root=REPO)
+    new = _switches_read_directly(merged_config(_files(bundle, key), root=REPO))
     assert not find_macros(new), f"macros MONAI would leave unresolved: {find_macros(new)[:3]}"
     # monai.bundle run executes these whenever they are present (initialize, finalize)
     assert [i for i in RUN_IDS if i in new] == [i for i in RUN_IDS if i in old], "entry points added or removed"
@@ -545,7 +573,9 @@ def test_merge_configs_writes_a_standalone_bundle_that_builds_the_same(tmp_path)
     assert [p.name for p in merged] == ["evaluate.json"]
     alone = canonical_config(merged_config([str(merged[0])], root=tmp_path))
     stack = canonical_config(
-        merged_config([str(BUNDLES / "cimd" / "configs" / n) for n in ("train.json", "lidc.json", "evaluate.json")], root=REPO)
+        merged_config(
+            [str(BUNDLES / "cimd" / "configs" / n) for n in ("train.json", "lidc.json", "evaluate.json")], root=REPO
+        )
     )
     assert alone == stack
 

@@ -90,6 +90,20 @@ def test_inference_with_a_wrong_input_dir_names_the_setting(tmp_path, small_demo
     assert "Traceback" not in result.stderr
 
 
+def test_a_switch_given_a_wrong_value_names_the_setting(tmp_path, small_demo_dataset):
+    """``--amp maybe``: the switch's name and its values, not a run with mixed precision left on."""
+    result = _bundle_run(
+        "training", ["train.json"], "--dataset_dir", small_demo_dataset, "--amp", "maybe", *_outputs(tmp_path)
+    )
+    lines = _error_lines(result.stderr)
+    assert result.returncode != 0
+    assert len(lines) < 5, result.stderr
+    message = "\n".join(lines)
+    assert "setting 'amp' is a switch: give true or false" in message and "got 'maybe'" in message
+    assert "Traceback" not in result.stderr and "RuntimeError" not in result.stderr
+    assert not (tmp_path / "runs" / "models").exists()  # nothing trained
+
+
 def test_ambiseg_debug_brings_the_traceback_back(tmp_path):
     missing = tmp_path / "lidc"
     result = _bundle_run(

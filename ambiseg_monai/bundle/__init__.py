@@ -1,7 +1,8 @@
 """What the bundle configs call and how they are merged: the dataset check and inference inputs
 (:mod:`.dataset`), short input errors on the bundle command line (:mod:`.errors`), and the merging of
 the shared base configs into standalone bundles with their canonical form (:mod:`.config`,
-``ambiseg merge-configs``).
+``ambiseg merge-configs``), and the configs' reading of switches given on the command line
+(:func:`.config.as_flag`).
 """
 
 import ambiseg_monai.bundle.config as _config

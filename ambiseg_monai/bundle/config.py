@@ -18,6 +18,10 @@ instead.
 and argument values, every ``@`` reference followed, expressions with their references resolved),
 so that two configs written differently can be shown to build the same thing
 (``tests/test_bundle_configs_merged.py``).
+
+:func:`as_flag` reads a bundle's on/off setting (``amp``, ``resume``, ...) in its configs: the command
+line delivers ``--amp false`` as the *string* ``"false"`` (python-fire turns only ``False`` / ``True``
+into bools), which a ``$`` expression would take as true.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ambiseg_monai.bundle.errors import BundleInputError, short_errors_in_bundle_cli
+
 #: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
 __all__ = [
     "MACRO",
     "RUN_IDS",
+    "as_flag",
     "bundle_combinations",
     "canonical_config",
     "config_layout",
@@ -93,6 +100,44 @@ def _lookup(config: Any, config_id: str) -> Any:
         else:
             raise KeyError(config_id)
     return value
+
+
+# ----------------------------------------------------------------------------------------------- flags
+
+#: the texts :func:`as_flag` reads as true / false (compared stripped and in lower case)
+FLAG_TRUE = ("true", "yes", "on", "1")
+FLAG_FALSE = ("false", "no", "off", "0")
+
+
+@short_errors_in_bundle_cli
+def as_flag(value: Any, name: str) -> bool:
+    """The bool of the bundle setting ``name`` (a switch such as ``amp`` or ``resume``) given as ``value``.
+
+    The bundle configs read every switch where they use it through this function
+    (``"$ambiseg_monai.bundle.as_flag(@amp, 'amp')"``), because ``python -m monai.bundle run ... --amp
+    false`` sets ``amp`` to the *string* ``"false"`` (python-fire parses ``False`` and ``True`` only),
+    which is true in a ``$`` expression. MONAI applies the command line's overrides to the config and
+    offers no step to convert them before the expressions are evaluated, hence the point of use.
+
+    Accepted: a bool; ``0`` / ``1``; ``"true"`` / ``"false"``, ``"yes"`` / ``"no"``, ``"on"`` / ``"off"``,
+    ``"1"`` / ``"0"`` in any case, spaces around ignored. Anything else raises
+    :class:`~ambiseg_monai.bundle.errors.BundleInputError` (a ``ValueError``) naming the setting; on the
+    bundle command line that ends the run with that one line (:func:`short_errors_in_bundle_cli`).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in FLAG_TRUE:
+            return True
+        if text in FLAG_FALSE:
+            return False
+    raise BundleInputError(
+        f"setting {name!r} is a switch: give true or false (also yes/no, on/off, 1/0, in any case), got {value!r}; "
+        f"e.g. --{name} false"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- macros

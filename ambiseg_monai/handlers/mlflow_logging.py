@@ -35,6 +35,7 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from ambiseg_monai.bundle.config import as_flag
 from ambiseg_monai.handlers.checkpoint import latest_checkpoint
 from ambiseg_monai.handlers.progress import training_already_finished
 from ambiseg_monai.reporting import naming
@@ -283,8 +284,9 @@ class MLflowModelLogger:
             post-processing in the merged config.
         fallback_ids: ``(inferer_id, postprocessing_id)`` without an inference config.
         name: the model's name (``runs:/<run id>/<name>``).
-        enabled: the bundles' switch ``log_mlflow_model``; False (or, as ``python -m monai.bundle run`` passes
-            ``--log_mlflow_model false``, the string ``"false"``, ``"0"``, ``"no"``, ``"off"``) logs nothing.
+        enabled: the bundles' switch ``log_mlflow_model``; False logs nothing. Read with
+            :func:`~ambiseg_monai.bundle.config.as_flag`: also ``0`` / ``1`` and the strings it accepts
+            (``"false"``, ``"no"``, ``"off"``, ``"0"``, ...); any other value is an error.
         is_main_process: False on non-zero ranks of a distributed run (nothing is logged there).
     """
 
@@ -306,9 +308,7 @@ class MLflowModelLogger:
     ) -> None:
         from monai.bundle import ConfigParser
 
-        if isinstance(enabled, str):
-            enabled = enabled.strip().lower() not in ("false", "0", "no", "off", "")
-        self.enabled = bool(enabled)
+        self.enabled = as_flag(enabled, "log_mlflow_model")
         self.mlflow_handler = mlflow_handler
         self.checkpoint = Path(checkpoint)
         self.validator = validator
