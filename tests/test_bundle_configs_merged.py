@@ -326,7 +326,14 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         },
         # the metrics handler reads the output's pred_soft itself (was the SoftDice alias)
         "validate#additional_metrics": {"soft_dice_5": {**_SOFT_DICE_5, "save_details": False}},
+        # issue #15: the same ε band problem as CIMD's (lobe error 0.106 -> 0.077 at 4,000 iterations with v);
+        # the QUBIQ overlays keep the paper's ε
+        "prediction_type": "v_prediction",
+        "noise_scheduler#prediction_type": "@prediction_type",
+        "sampling_scheduler#prediction_type": "@prediction_type",
     },
+    **{f"consensus_diffusion/qubiq_{name}.json": {"prediction_type": "epsilon"}
+       for name in ("brain_growth", "brain_tumor", "kidney", "prostate1", "prostate2")},
     "prob_unet/train.json": {
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
