@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -82,6 +83,8 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=64, help="samples per test image at each score")
     parser.add_argument("--final-samples", type=int, default=None, help="samples at the last score (default --samples)")
     parser.add_argument("--images", type=int, default=None, help="test images scored (default: the whole test split)")
+    parser.add_argument("--save-dir", default=None,
+                        help="also write the scored weights to <dir>/<method>_it<N>.pt (read back by --checkpoint)")
     parser.add_argument("--checkpoint", default=None,
                         help="score this saved bundle model (e.g. runs/cimd/models/model.pt) instead of training; one method")
     parser.add_argument("--threads", type=int, default=2)
@@ -285,6 +288,8 @@ def study_method(method: str, dataset_dir: str, args: argparse.Namespace) -> lis
         parser, evaluator, handler, _ = evaluators[samples]
         start = time.perf_counter()
         weights = {k: v.detach().clone() for k, v in scored[weights_key].state_dict().items()}
+        if args.save_dir:
+            save_weights(Path(args.save_dir) / f"{method}_it{iteration}.pt", {weights_key: weights})
         scores = score_network(evaluator, handler, parser.get_parsed_content("network"), weights)
         row = {"method": method, "iterations": iteration, "epochs": engine.state.epoch, "samples": samples,
                "train_s": round(clock["train_s"], 1), "sample_s": round(time.perf_counter() - start, 1), **scores}  # fmt: skip
@@ -296,6 +301,14 @@ def study_method(method: str, dataset_dir: str, args: argparse.Namespace) -> lis
 
     trainer.run()
     return rows
+
+
+def save_weights(path: Path, model_file: dict) -> None:
+    """Write a model file like the bundle's ``model.pt`` (``{"ema" or "network": state dict}``), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(model_file, partial)
+    os.replace(partial, path)  # a killed study leaves no half-written model file under the final name
 
 
 def score_checkpoint(method: str, dataset_dir: str, path: str, args: argparse.Namespace) -> list[dict]:

@@ -82,7 +82,7 @@ def test_fast_setting_caps_rows_per_call_on_cpu_only():
 def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkeypatch, capsys, small_demo_dataset):
     rows = convergence.main(["--methods", "cimd", "prob_unet", "--iterations", "1", "2", "--samples", "2", "--images", "2",
                              "--threads", "1", "--dataset-dir", small_demo_dataset, "--json", str(tmp_path / "rows.json"),
-                             "--plot", str(tmp_path / "convergence.png")])  # fmt: skip
+                             "--plot", str(tmp_path / "convergence.png"), "--save-dir", str(tmp_path / "weights")])  # fmt: skip
     by_method = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
@@ -106,6 +106,14 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
                                "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert scored[-1]["method"] == "prob_unet" and scored[-1]["checkpoint"] == str(tmp_path / "model.pt")
+    # --save-dir keeps the scored weights as model files; scoring one again gives the study's scores
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+        "cimd_it1.pt", "cimd_it2.pt", "prob_unet_it1.pt", "prob_unet_it2.pt"]  # fmt: skip
+    assert set(torch.load(tmp_path / "weights" / "cimd_it2.pt", weights_only=True)) == {"ema"}
+    rescored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "weights" / "prob_unet_it2.pt"),
+                                 "--samples", "2", "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
+    study_row = by_method["prob_unet"][-1]
+    assert {k: rescored[-1][k] for k in convergence.SCORES} == {k: study_row[k] for k in convergence.SCORES}
 
 
 def test_oracle_in_band_replaces_the_network_only_inside_the_band():
