@@ -153,3 +153,18 @@ def test_denoiser_vs_oracle_scores_a_saved_cimd_model(tmp_path, small_demo_datas
     assert all(0.0 <= row["mean_abs_dq"] <= 1.0 for row in results["calibration"])
     assert [row["oracle_band"] for row in results["bands"]] == ["none", "[0, 1000)"]
     assert all(0.0 <= row["lobe_error"] <= 1.0 for row in results["bands"])
+
+
+def test_memorisation_compares_sampled_lobe_frequencies_with_the_images_own_draws(tmp_path, small_demo_dataset):
+    from benchmarks import memorisation
+
+    network = ConfigParser()
+    network.read_config("bundles/prob_unet/configs/train.json")
+    network["device"] = "$torch.device('cpu')"
+    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    result = memorisation.main(["--method", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--images", "3",
+                                "--samples", "4", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
+    assert result["split"] == "training" and result["lobes"] >= 3  # every demo image has 1-2 lobes
+    assert 0.0 <= result["lobe_error"] <= 1.0 and 0.0 <= result["mean_abs_f_minus_d"] <= 1.0
+    corr = result["corr_f_minus_p_d_minus_p"]
+    assert corr != corr or -1.0 <= corr <= 1.0  # NaN when an untrained model's frequencies do not vary
