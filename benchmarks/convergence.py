@@ -149,8 +149,9 @@ def inference_evaluator(
     overrides: dict,
     num_samples: int,
     num_images: int | None,
+    split: str = "test",
 ) -> tuple[ConfigParser, object, TruthMetricsHandler, str]:
-    """The bundle's inference evaluator on the test split, scoring against the truth instead of writing files.
+    """The bundle's inference evaluator on ``split`` (the first ``num_images`` of it), scoring against the truth.
 
     Returns (parser, evaluator, truth handler, the checkpoint key its ``inference.json`` loads: "ema" or "network").
     """
@@ -176,7 +177,7 @@ def inference_evaluator(
         parser["num_inference_samples"] = num_samples
         pred_key = "pred"
     # the items inference.json reads (engines.inference_items: image, image_path, case_id), with their truth
-    items = [{**item, "image_path": item["image"]} for item in load_split(dataset_dir, "test")[:num_images]]
+    items = [{**item, "image_path": item["image"]} for item in load_split(dataset_dir, split)[:num_images]]
     dataset = Dataset(items, WithTruth(parser.get_parsed_content("infer#preprocessing")))
     parser["infer#dataloader"] = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=0)
     handler = TruthMetricsHandler(pred_key=pred_key)

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 from ignite.engine import Events
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import convergence
+try:
+    from benchmarks import convergence
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import convergence  # type: ignore[no-redef]
 
 from ambiseg_monai.metrics.truth import region_inclusion_frequency
 from ambiseg_monai.transforms.loading import LoadImage2Dd
@@ -32,9 +31,10 @@ from ambiseg_monai.transforms.loading import LoadImage2Dd
 
 def memorisation(method: str, checkpoint: str, dataset_dir: str, split: str, images: int, samples: int) -> dict:
     """Lobe error, corr(f - p, d - p) and mean |f - d| over the lobes of the first ``images`` of ``split``."""
-    items = convergence.load_split(dataset_dir, split)[:images]
-    with mock.patch.object(convergence, "load_split", lambda d, s: items):  # the evaluator reads "test"
-        parser, evaluator, handler, key = convergence.inference_evaluator(method, dataset_dir, [], {}, samples, None)
+    items = convergence.load_split(dataset_dir, split)[:images]  # the evaluator's items, in its order
+    parser, evaluator, handler, key = convergence.inference_evaluator(
+        method, dataset_dir, [], {}, samples, images, split
+    )
     load_raters = LoadImage2Dd(keys=["label"])
     lobes: list[tuple[float, float, float]] = []  # (p, f, d)
     seen = {"images": 0}

@@ -79,6 +79,14 @@ def test_fast_setting_caps_rows_per_call_on_cpu_only():
     assert fast_max_rows(4, torch.device("cuda")) is None  # a GPU always takes the whole batch
 
 
+def _untrained_prob_unet_model_file(path) -> None:
+    """A bundle model file (``{"network": state dict}``) of an untrained Prob. U-Net."""
+    network = ConfigParser()
+    network.read_config("bundles/prob_unet/configs/train.json")
+    network["device"] = "$torch.device('cpu')"
+    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, path)
+
+
 def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkeypatch, capsys, small_demo_dataset):
     rows = convergence.main(["--methods", "cimd", "prob_unet", "--iterations", "1", "2", "--samples", "2", "--images", "2",
                              "--threads", "1", "--dataset-dir", small_demo_dataset, "--json", str(tmp_path / "rows.json"),
@@ -99,10 +107,7 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     assert (tmp_path / "convergence.png").stat().st_size > 1000
     assert "| cimd | 2 |" in capsys.readouterr().out
     # a saved bundle model file is scored with the weights its inference.json loads
-    network = ConfigParser()
-    network.read_config("bundles/prob_unet/configs/train.json")
-    network["device"] = "$torch.device('cpu')"
-    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    _untrained_prob_unet_model_file(tmp_path / "model.pt")
     scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
                                "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert scored[-1]["method"] == "prob_unet" and scored[-1]["checkpoint"] == str(tmp_path / "model.pt")
@@ -158,10 +163,7 @@ def test_denoiser_vs_oracle_scores_a_saved_cimd_model(tmp_path, small_demo_datas
 def test_memorisation_compares_sampled_lobe_frequencies_with_the_images_own_draws(tmp_path, small_demo_dataset):
     from benchmarks import memorisation
 
-    network = ConfigParser()
-    network.read_config("bundles/prob_unet/configs/train.json")
-    network["device"] = "$torch.device('cpu')"
-    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    _untrained_prob_unet_model_file(tmp_path / "model.pt")
     result = memorisation.main(["--method", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--images", "3",
                                 "--samples", "4", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert result["split"] == "training" and result["lobes"] >= 3  # every demo image has 1-2 lobes
