@@ -38,6 +38,16 @@ _RUN_COLUMNS = ["method", "experiment", "run_name", "run_id", "num_samples"]
 _NON_METRIC_COLUMNS = [*_RUN_COLUMNS, "epoch"]
 
 
+def _run_identity(run: Run, method: str | None, names: Mapping[str, str]) -> dict:
+    """The identifying columns of a run's rows: method (its group label), experiment, run name and id."""
+    return {
+        "method": method,
+        "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
+        "run_name": run.info.run_name,
+        "run_id": run.info.run_id,
+    }
+
+
 def evaluation_frame(
     runs: Sequence[Run],
     names: Mapping[str, str],
@@ -70,16 +80,7 @@ def evaluation_frame(
                 by_count.setdefault(parsed[1], {})[parsed[0]] = value
         label = group_label(run, group_by, names) if by_count else None
         for num_samples, values in sorted(by_count.items()):
-            rows.append(
-                {
-                    "method": label,
-                    "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
-                    "run_name": run.info.run_name,
-                    "run_id": run.info.run_id,
-                    "num_samples": num_samples,
-                    **values,
-                }
-            )
+            rows.append({**_run_identity(run, label, names), "num_samples": num_samples, **values})
     frame = pd.DataFrame(rows, columns=_RUN_COLUMNS + list(metrics))
     return frame.dropna(axis=1, how="all").astype({"num_samples": int}) if rows else frame
 
@@ -129,10 +130,7 @@ def validation_frame(
         values = {m: next((x.value for x in h if x.step == best_epoch), math.nan) for m, h in history.items()}
         rows.append(
             {
-                "method": group_label(run, group_by, names),
-                "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
-                "run_name": run.info.run_name,
-                "run_id": run.info.run_id,
+                **_run_identity(run, group_label(run, group_by, names), names),
                 "num_samples": int(num_samples),
                 "epoch": best_epoch,
                 **values,
