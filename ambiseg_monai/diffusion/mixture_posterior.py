@@ -6,6 +6,10 @@ cancels):
 
     w_k(x_t) = softmax_k( log p_k + α <x_t, m_k> / σ² ),      E[x_0 | x_t] = Σ_k w_k m_k.
 
+Nothing here assumes α² + σ² = 1: the same formula is exact for rectified flow's linear interpolation
+(α = 1 - t, σ = t), where it also gives the exact velocity ``E[x_0 - ε | x_t] = E[x_0 | x_t] - (x_t - α
+E[x_0 | x_t]) / σ``.
+
 Two uses share this one function:
 
 - :class:`~ambiseg_monai.diffusion.oracle.MixtureOracleDenoiser`: the exact denoiser of a known
@@ -44,7 +48,11 @@ def mixture_posterior_mean(
 
 
 def rater_posterior_target(
-    x_t: torch.Tensor, raters: torch.Tensor, rater_mask: torch.Tensor | None, signal_variance: torch.Tensor
+    x_t: torch.Tensor,
+    raters: torch.Tensor,
+    rater_mask: torch.Tensor | None,
+    signal_variance: torch.Tensor,
+    noise_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """E[x_0 | x_t, raters] when x_0 was one of an image's raters, picked uniformly.
 
@@ -52,13 +60,16 @@ def rater_posterior_target(
         x_t: B x 1 x H x W noisy targets (``α x_0 + σ ε``, x_0 in [-1, 1]).
         raters: B x R x H x W rater masks in {0, 1} (padded raters allowed).
         rater_mask: B x R, True for real raters (None: all R are real).
-        signal_variance: (B,) α² of each row (ᾱ_t, or γ(t) in continuous time).
+        signal_variance: (B,) α² of each row (ᾱ_t, γ(t) in continuous time, (1 - t)² for rectified flow).
+        noise_variance: (B,) σ² of each row; None: ``1 - signal_variance`` (variance preserving). Rectified
+            flow passes t² (see :func:`~ambiseg_monai.diffusion.protocols.interpolation_variances`).
 
     Returns:
         B x 1 x H x W float32 target in [-1, 1].
     """
     batch = x_t.shape[0]
     gamma = signal_variance.reshape(batch, 1).double()
+    variance = 1.0 - gamma if noise_variance is None else noise_variance.reshape(batch, 1).double().to(gamma.device)
     masks = 2.0 * raters.reshape(batch, raters.shape[1], -1).double() - 1.0
     present = (
         torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device) if rater_mask is None else rater_mask.bool()
@@ -69,5 +80,5 @@ def rater_posterior_target(
         ~present, float("-inf")
     )
     # float64: at small t, α <x_t, m_k> / σ² reaches 1e6 and the softmax must still pick the right rater
-    target = mixture_posterior_mean(x_t.reshape(batch, -1).double(), masks, log_weights, gamma.sqrt(), 1.0 - gamma)
+    target = mixture_posterior_mean(x_t.reshape(batch, -1).double(), masks, log_weights, gamma.sqrt(), variance)
     return target.reshape(x_t.shape).float()

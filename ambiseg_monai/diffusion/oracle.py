@@ -3,7 +3,8 @@
 When the data distribution is a finite set of masks ``m_1..m_K`` (values in {-1, 1}) with
 probabilities ``p_k``, the posterior over the masks given a noisy ``x_t = α x_0 + σ ε`` has a closed
 form (:func:`~ambiseg_monai.diffusion.mixture_posterior.mixture_posterior_mean`), and so does the
-ideal denoiser output: ε̂ = (x_t - α x̂_0) / σ,  v̂ = α ε̂ - σ x̂_0.
+ideal denoiser output: ε̂ = (x_t - α x̂_0) / σ,  v̂ = α ε̂ - σ x̂_0, and the exact flow velocity
+û = x̂_0 - ε̂ of rectified flow (α = 1 - t, σ = t: the formula does not assume α² + σ² = 1).
 
 A sampler fed this oracle must draw the masks with frequencies ``p_k`` (up to its discretisation
 error), whatever the network would have learned: this separates sampler defects from learning
@@ -22,10 +23,10 @@ import torch
 
 from ambiseg_monai.diffusion.mixture_posterior import mixture_posterior_mean
 from ambiseg_monai.diffusion.parameterization import DiffusionParameterization, eps_from_x0
-from ambiseg_monai.diffusion.protocols import TrainingScheduler
+from ambiseg_monai.diffusion.protocols import TrainingScheduler, interpolation_variances
 from ambiseg_monai.networks.denoisers import ConditionalDenoiser
 
-__all__ = ["MixtureOracleDenoiser", "signal_variance_of"]
+__all__ = ["MixtureOracleDenoiser", "signal_variance_of", "noise_variance_of"]
 
 
 def signal_variance_of(scheduler) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,6 +40,19 @@ def signal_variance_of(scheduler) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda t: scheduler.signal_variance(t.detach().cpu()).double()
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().double()
     return lambda t: alphas_cumprod[t.detach().cpu().long()]
+
+
+def noise_variance_of(scheduler) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from the network's timestep input to the noise variance σ² (float64).
+
+    For a :class:`~ambiseg_monai.diffusion.protocols.TrainingScheduler` it comes from its ``coefficients``
+    (so rectified flow's σ = t is right: σ² is not 1 - α² there); for MONAI's own discrete schedulers
+    it is ``1 - ᾱ[t]``.
+    """
+    if isinstance(scheduler, TrainingScheduler):
+        return lambda t: interpolation_variances(scheduler, t.detach().cpu())[1]
+    signal = signal_variance_of(scheduler)
+    return lambda t: 1.0 - signal(t)
 
 
 class MixtureOracleDenoiser(ConditionalDenoiser):
@@ -56,6 +70,8 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
         tanh_x_output: with "x", return ``atanh(x̂_0)`` because the scheduler applies tanh.
         variance_value: when not None, append C channels holding this constant (a learned-range
             "v" in [-1, 1]: -1 is the posterior variance β̃, +1 is β).
+        noise_variance: maps the (B,) timestep input to (B,) σ²; None: ``1 - α²`` (variance preserving).
+            :meth:`for_scheduler` passes :func:`noise_variance_of` the scheduler (rectified flow: σ² = t²).
 
     ``forward(x_t, timesteps, cond=None, class_labels=None, ...)`` as every conditional denoiser;
     the condition is ignored (the mixture is the same for every image).
@@ -72,6 +88,7 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
         prediction_type: str = "eps",
         tanh_x_output: bool = False,
         variance_value: float | None = None,
+        noise_variance: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         modes = torch.as_tensor(modes).double()
@@ -94,6 +111,7 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
         self.register_buffer("log_probabilities", (probabilities / probabilities.sum(1, keepdim=True)).log())
         self.mask_shape = tuple(modes.shape[2:])
         self.signal_variance = signal_variance
+        self.noise_variance = noise_variance
         self.prediction_type = self.parameterization.prediction_type
         self.tanh_x_output = self.parameterization.tanh_x_output
         self.variance_value = variance_value
@@ -111,13 +129,22 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
             prediction_type=parameterization.prediction_type,
             tanh_x_output=parameterization.uses_tanh,
             variance_value=variance_value,
+            noise_variance=noise_variance_of(scheduler),
         )
+
+    def variances(self, timesteps: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α², σ²) at the (B,) ``timesteps`` (or one for all rows), each float64 B x 1 on the CPU."""
+        times = timesteps.reshape(-1).expand(batch)
+        gamma = torch.as_tensor(self.signal_variance(times)).double().cpu().reshape(batch, 1)
+        if self.noise_variance is None:
+            return gamma, 1.0 - gamma
+        return gamma, torch.as_tensor(self.noise_variance(times)).double().cpu().reshape(batch, 1)
 
     def posterior_mean(self, x_t: torch.Tensor, timesteps: torch.Tensor, class_labels=None) -> torch.Tensor:
         """E[x_0 | x_t] for B x C x H x W ``x_t`` at (B,) ``timesteps``; float64."""
         batch = x_t.shape[0]
-        gamma = torch.as_tensor(self.signal_variance(timesteps.reshape(-1).expand(batch))).double().reshape(batch, 1)
-        alpha, variance = gamma.sqrt(), 1.0 - gamma
+        gamma, variance = self.variances(timesteps, batch)
+        alpha = gamma.sqrt()
         labels = torch.zeros(batch, dtype=torch.long) if class_labels is None else class_labels.reshape(-1).long().cpu()
         if int(labels.max()) >= self.modes.shape[0]:
             raise ValueError(
@@ -132,9 +159,9 @@ class MixtureOracleDenoiser(ConditionalDenoiser):
     def denoise(self, x_t, timesteps, cond, class_labels=None):
         batch = x_t.shape[0]
         x0 = self.posterior_mean(x_t, timesteps, class_labels)
-        gamma = torch.as_tensor(self.signal_variance(timesteps.reshape(-1).expand(batch))).double()
+        gamma, variance = self.variances(timesteps, batch)
         alpha = gamma.sqrt().reshape(-1, 1, 1, 1)
-        sigma = (1.0 - gamma).sqrt().reshape(-1, 1, 1, 1)
+        sigma = variance.sqrt().reshape(-1, 1, 1, 1)
         x = x_t.detach().double().cpu()
         out = self.parameterization.target(x0, eps_from_x0(x, x0, alpha, sigma), alpha, sigma)
         if self.parameterization.uses_tanh:  # the scheduler applies tanh: return its inverse

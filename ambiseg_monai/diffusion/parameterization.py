@@ -1,18 +1,28 @@
-"""What a diffusion network predicts (x_0, v or ε) and the conversions between them, in one place.
+"""What a diffusion network predicts (x_0, v, ε or a flow velocity) and the conversions between them, in one place.
 
 For a variance-preserving process ``x_t = α x_0 + σ ε`` with α² + σ² = 1 (Salimans & Ho 2022):
 
 - ``x_0 = (x_t - σ ε) / α``            ``ε = (x_t - α x_0) / σ``
 - ``v = α ε - σ x_0``                  ``x_0 = α x_t - σ v``        ``ε = σ x_t + α v``
 
+The flow velocity ``u = x_0 - ε`` (prediction type ``"flow"``) is the target of rectified flow / flow
+matching (Liu et al. 2023; the sign and name of MONAI's ``RFlowScheduler``: the velocity points from noise
+to data, ``x_0 = x_t + t u`` on ``x_t = (1 - t) x_0 + t ε``). Its conversions hold for any linear
+interpolation ``x_t = α x_0 + σ ε`` with α + σ > 0, variance preserving or not:
+
+- ``x_0 = (x_t + σ u) / (α + σ)``      ``ε = (x_t - α u) / (α + σ)``
+
 α and σ are tensors broadcastable against the samples (B x 1 x 1 x 1 per-row coefficients) or floats.
 The ε -> x_0 conversion divides by α and the x_0 -> ε conversion by σ: both are finite only while
-the schedule keeps α, σ > 0 (the continuous schedule's log-SNR clipping does).
+the schedule keeps α, σ > 0 (the continuous schedule's log-SNR clipping does). The x_0 / ε / v formulas
+above assume α² + σ² = 1; the flow formulas do not (the rectified-flow scheduler,
+:mod:`ambiseg_monai.schedulers.flow`, has α + σ = 1 and accepts only ``"flow"`` and ``"x"``).
 
 :class:`DiffusionParameterization` is the one place that switches on the prediction type: the
 discrete schedulers (:mod:`ambiseg_monai.schedulers.respaced`, MONAI's names "epsilon" / "sample" /
-"v_prediction"), the continuous-time schedulers, the VLB term, the training inferer and the oracle
-denoiser all go through it.
+"v_prediction"), the continuous-time and rectified-flow schedulers, the VLB term, the training inferer
+and the oracle denoiser all go through it. MONAI's ``RFlowScheduler`` calls its velocity
+"v_prediction"; here that name is the variance-preserving v, and the flow velocity is ``"flow"``.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ __all__ = [
     "x0_from_v",
     "eps_from_v",
     "velocity",
+    "x0_from_flow",
+    "eps_from_flow",
+    "flow_velocity",
     "DiffusionParameterization",
 ]
 
@@ -40,6 +53,9 @@ PREDICTION_TYPES: dict[str, str] = {
     "v_prediction": "v",
     "eps": "eps",
     "epsilon": "eps",
+    "flow": "flow",
+    "rectified_flow": "flow",
+    "flow_velocity": "flow",
 }
 
 
@@ -68,13 +84,29 @@ def velocity(x0: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coe
     return alpha * eps - sigma * x0
 
 
+def x0_from_flow(x_t: torch.Tensor, u: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """x_0 = (x_t + σ u) / (α + σ) for the flow velocity u = x_0 - ε (any linear interpolation)."""
+    return (x_t + sigma * u) / (alpha + sigma)
+
+
+def eps_from_flow(x_t: torch.Tensor, u: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
+    """ε = (x_t - α u) / (α + σ) for the flow velocity u = x_0 - ε (any linear interpolation)."""
+    return (x_t - alpha * u) / (alpha + sigma)
+
+
+def flow_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """u = x_0 - ε: the rectified-flow velocity (from noise to data; MONAI's ``RFlowScheduler`` target)."""
+    return x0 - eps
+
+
 class DiffusionParameterization:
     """The network's prediction type and how to turn its output into (x̂_0, ε̂).
 
     Args:
-        prediction_type: "x" (the paper's), "v" or "eps" (aliases in :data:`PREDICTION_TYPES`).
+        prediction_type: "x" (the paper's), "v", "eps" or "flow" (the rectified-flow velocity x_0 - ε;
+            aliases in :data:`PREDICTION_TYPES`).
         tanh_x_output: with x-prediction, pass the network output through tanh so that x̂_0 lies in
-            (-1, 1) like the masks (the official code's ``final_act: tanh_if_x``). Ignored for v / ε,
+            (-1, 1) like the masks (the official code's ``final_act: tanh_if_x``). Ignored for v / ε / flow,
             whose targets are unbounded, so a prediction-type ablation changes only ``prediction_type``.
     """
 
@@ -102,6 +134,8 @@ class DiffusionParameterization:
             return self.prediction(model_output)
         if self.prediction_type == "v":
             return x0_from_v(x_t, model_output, alpha, sigma)
+        if self.prediction_type == "flow":
+            return x0_from_flow(x_t, model_output, alpha, sigma)
         return x0_from_eps(x_t, model_output, alpha, sigma)
 
     def predict(
@@ -113,14 +147,18 @@ class DiffusionParameterization:
             return x0, eps_from_x0(x_t, x0, alpha, sigma)
         if self.prediction_type == "v":
             return x0, eps_from_v(x_t, model_output, alpha, sigma)
+        if self.prediction_type == "flow":
+            return x0, eps_from_flow(x_t, model_output, alpha, sigma)
         return x0, model_output
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, alpha: Coefficient, sigma: Coefficient) -> torch.Tensor:
-        """The quantity the network regresses (before any tanh): x_0, v or ε."""
+        """The quantity the network regresses (before any tanh): x_0, v, ε or the flow velocity x_0 - ε."""
         if self.prediction_type == "x":
             return x0
         if self.prediction_type == "v":
             return velocity(x0, eps, alpha, sigma)
+        if self.prediction_type == "flow":
+            return flow_velocity(x0, eps)
         return eps
 
     def __repr__(self) -> str:

@@ -3,8 +3,12 @@
 One training inferer (:class:`~ambiseg_monai.inferers.DiffusionTrainingInferer`) and one N-sample
 inferer (:class:`~ambiseg_monai.inferers.DiffusionSamplingInferer`) serve every diffusion method; they
 talk to a scheduler only through these members, so discrete time (the respaced DDPM / DDIM of
-:mod:`ambiseg_monai.schedulers.respaced`, timesteps are integers in ``[0, T)``) and continuous time
-(:mod:`ambiseg_monai.schedulers.continuous`, t in [0, 1]) are interchangeable.
+:mod:`ambiseg_monai.schedulers.respaced`, timesteps are integers in ``[0, T)``), continuous time
+(:mod:`ambiseg_monai.schedulers.continuous`, t in [0, 1]) and rectified flow
+(:mod:`ambiseg_monai.schedulers.flow`, t in [0, 1] times the denoiser's ``time_scale``) are
+interchangeable. The first two are variance preserving (α² + σ² = 1); rectified flow interpolates
+linearly (α = 1 - t, σ = t): code that needs the noise level uses ``coefficients`` (or
+:func:`interpolation_variances`), never ``1 - signal_variance``.
 
 - :class:`SamplingScheduler`: what the reverse-diffusion loop
   (:func:`~ambiseg_monai.diffusion.sampler.reverse_diffusion`) uses: ``set_timesteps``,
@@ -35,6 +39,7 @@ __all__ = [
     "missing_members",
     "sample_training_times",
     "standard_noise",
+    "interpolation_variances",
 ]
 
 
@@ -67,11 +72,12 @@ class SamplingScheduler(Protocol):
 class TrainingScheduler(Protocol):
     """A scheduler the training inferer can train with (``x_t = α(t) x_0 + σ(t) ε``).
 
-    - ``parameterization``: what the network predicts (x_0, v or ε) and the conversions.
-    - ``sample_timesteps(batch, device, stratified)``: (B,) training times: integer steps or floats in
-      [0, 1]; ``stratified`` draws one per stratum of the batch (see :func:`sample_training_times`).
+    - ``parameterization``: what the network predicts (x_0, v, ε or the flow velocity) and the conversions.
+    - ``sample_timesteps(batch, device, stratified)``: (B,) training times in the units the network takes
+      (integer steps, floats in [0, 1], or [0, time_scale]); ``stratified`` draws one per stratum of the
+      batch (see :func:`sample_training_times`).
     - ``add_noise(original_samples, noise, timesteps)``: x_t.
-    - ``signal_variance(timesteps)``: (B,) α(t)² (ᾱ_t or γ(t)).
+    - ``signal_variance(timesteps)``: (B,) α(t)² (ᾱ_t, γ(t), or (1 - t)² for rectified flow).
     - ``coefficients(timesteps, like)``: (α(t), σ(t)) per row, broadcastable against ``like``.
     """
 
@@ -127,6 +133,21 @@ def sample_training_times(
     if not stratified:
         return torch.rand(batch, device=device)
     return (torch.randperm(batch, device=device) + torch.rand(batch, device=device)) / batch
+
+
+def interpolation_variances(scheduler: TrainingScheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α(t)², σ(t)²) of a training scheduler at (B,) ``timesteps``, float64 (B,) on their device.
+
+    Taken from ``scheduler.coefficients``, so it holds for variance-preserving schedules (σ² = 1 - α²) and
+    for rectified flow's linear interpolation (α = 1 - t, σ = t) alike: what the exact mixture posterior
+    (:mod:`~ambiseg_monai.diffusion.mixture_posterior`) needs.
+    """
+    batch = timesteps.reshape(-1).shape[0]
+    like = torch.zeros(batch, 1, dtype=torch.float64, device=timesteps.device)
+    alpha, sigma = scheduler.coefficients(timesteps, like)
+    alpha = torch.as_tensor(alpha, dtype=torch.float64).to(timesteps.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).to(timesteps.device)
+    return (alpha**2).reshape(-1).expand(batch), (sigma**2).reshape(-1).expand(batch)
 
 
 def standard_noise(like: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Inferers for diffusion segmentation: the training forward pass and the N-sample sampler.
 
-One of each serves every diffusion method (CIMD, consensus diffusion, AmbDiffSeg and their ablations),
-in discrete or continuous time: they use a scheduler only through the protocol of
+One of each serves every diffusion method (CIMD, consensus diffusion, AmbDiffSeg, their ablations and
+their flow-matching overlays), in discrete or continuous time or as a rectified flow: they use a
+scheduler only through the protocol of
 :mod:`ambiseg_monai.diffusion.protocols`, and what the network predicts only through its
 :class:`~ambiseg_monai.diffusion.parameterization.DiffusionParameterization`.
 
@@ -26,7 +27,12 @@ from monai.inferers import Inferer
 from ambiseg_monai.diffusion.gaussian import mean_over_pixels
 from ambiseg_monai.diffusion.mixture_posterior import rater_posterior_target
 from ambiseg_monai.diffusion.parameterization import eps_from_x0
-from ambiseg_monai.diffusion.protocols import LearnedVarianceScheduler, TrainingScheduler, missing_members
+from ambiseg_monai.diffusion.protocols import (
+    LearnedVarianceScheduler,
+    TrainingScheduler,
+    interpolation_variances,
+    missing_members,
+)
 from ambiseg_monai.diffusion.sampler import (
     autocast_dtype_from_name,
     index_rows,
@@ -72,9 +78,9 @@ class DiffusionTrainingInferer(Inferer):
     Draws t (``scheduler.sample_timesteps``) and ε, forms ``x_t = α(t) x_0 + σ(t) ε`` and calls the
     network. The regression loss ``l_simple`` is one of:
 
-    - ``weighting=None``: the mean squared error of the network's prediction (ε, x_0 or v: the
-      scheduler's parameterisation, after tanh when it uses one) against its target (DDPM's L_simple;
-      CIMD, consensus diffusion);
+    - ``weighting=None``: the mean squared error of the network's prediction (ε, x_0, v or the flow
+      velocity x_0 - ε: the scheduler's parameterisation, after tanh when it uses one) against its target
+      (DDPM's L_simple; CIMD, consensus diffusion; flow matching's velocity loss);
     - a :class:`~ambiseg_monai.diffusion.weighting.LossWeighting` w(t): the x-space loss
       ``w(t) · mean over pixels of (x̂_0 - x_0)²`` (AmbDiffSeg, eq. 8), x̂_0 converted from the network
       output whatever it predicts; w is a function of the log-SNR, so it works with discrete and
@@ -83,8 +89,9 @@ class DiffusionTrainingInferer(Inferer):
     Args:
         scheduler: the training scheduler, following
             :class:`~ambiseg_monai.diffusion.protocols.TrainingScheduler`
-            (:class:`~ambiseg_monai.schedulers.RespacedDDPMScheduler`, or a continuous-time scheduler of
-            :mod:`ambiseg_monai.schedulers.continuous`).
+            (:class:`~ambiseg_monai.schedulers.RespacedDDPMScheduler`, a continuous-time scheduler of
+            :mod:`ambiseg_monai.schedulers.continuous`, or a rectified-flow scheduler of
+            :mod:`ambiseg_monai.schedulers.flow`).
         compute_vlb: add Improved DDPM's ``l_vlb`` when the network outputs a learned variance
             (2 x C channels; needs a :class:`~ambiseg_monai.diffusion.protocols.LearnedVarianceScheduler`,
             i.e. a discrete scheduler). With False, variance channels are ignored.
@@ -209,8 +216,9 @@ class DiffusionTrainingInferer(Inferer):
                 "rater_posterior_targets needs the raters: set the prepare_batch's rater_key "
                 "(DiffusionTrainingPrepareBatch(rater_key='label'))."
             )
-        gamma = self.scheduler.signal_variance(timesteps).to(x_t.device)
-        return rater_posterior_target(x_t.float(), raters.to(x_t.device), rater_mask, gamma)
+        # α² and σ² from the scheduler's coefficients: variance preserving or rectified flow alike
+        signal, noise = interpolation_variances(self.scheduler, timesteps.to(x_t.device))
+        return rater_posterior_target(x_t.float(), raters.to(x_t.device), rater_mask, signal, noise)
 
     def _prediction_loss(self, mean_part, x0_target, x_t, noise, timesteps) -> torch.Tensor:
         """Mean over pixels of (target - prediction)² in the space the network predicts in (ε, x_0 or v)."""
@@ -261,7 +269,7 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
 
     Args:
         scheduler: a scheduler following :class:`~ambiseg_monai.diffusion.protocols.SamplingScheduler`
-            (respaced DDPM / DDIM, or continuous time).
+            (respaced DDPM / DDIM, continuous time, or a rectified-flow ODE / SDE solver).
         num_samples: N.
         num_inference_steps: respaced number of steps (None: the scheduler's current timesteps).
         seed: base seed; each (image, sample) gets its own seed from (seed, image key, n).
