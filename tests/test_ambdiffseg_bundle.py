@@ -36,7 +36,7 @@ _settings = partial(bundle_settings, TINY)  # _settings(tmp_path, dataset, **ext
 def test_every_config_file_is_valid_json_with_the_expected_entry_points():
     names = sorted(p.name for p in CONFIGS.glob("*.json"))
     expected = ["train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "metadata.json"]
-    assert names == sorted([*expected, "lidc.json", "lidc_crop64.json", *ABLATIONS])
+    assert names == sorted([*expected, "lidc.json", "lidc_crop64.json", "flow_matching.json", *ABLATIONS])
     for name in names:
         json.loads((CONFIGS / name).read_text())
     assert _parser("evaluate.json")["run"] == "@evaluating"
