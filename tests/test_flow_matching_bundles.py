@@ -18,7 +18,7 @@ from _bundle_runner import SMALL_SETTINGS, bundle_parser
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from ambiseg_monai.schedulers import RectifiedFlowScheduler
+from ambiseg_monai.schedulers import RectifiedFlowHeunScheduler, RectifiedFlowScheduler
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 OVERLAY = "flow_matching.json"
@@ -65,6 +65,13 @@ def test_overlay_changes_the_schedulers_only(bundle):
         assert sum(p.numel() for p in base_net.parameters()) == sum(p.numel() for p in flow_net.parameters())
         assert flow.get_parsed_content("sampling_scheduler").shift == 10.0
         assert flow.get_parsed_content("output_dir") == "runs/ambdiffseg_flow_matching"
+
+
+@pytest.mark.parametrize("bundle, key", [("cimd", "noise_scheduler"), ("ambdiffseg", "sampling_scheduler")])
+def test_the_solver_is_one_override_as_the_docs_say(bundle, key):
+    parser = bundle_parser(BUNDLES / bundle / "configs", OVERLAY, "inference.json")
+    parser.update({f"{key}#_target_": "ambiseg_monai.schedulers.RectifiedFlowHeunScheduler"})
+    assert isinstance(parser.get_parsed_content("infer#inferer").scheduler, RectifiedFlowHeunScheduler)
 
 
 @pytest.mark.parametrize("bundle", ["cimd", "ambdiffseg"])
