@@ -85,8 +85,9 @@ class LossWeighting:
         """(B,) weights at the times ``t`` of ``schedule``.
 
         ``schedule`` is a continuous-time schedule (a ContinuousVPSchedule, with ``logsnr``; ``t`` in
-        [0, 1]) or any training scheduler of the protocol (with ``signal_variance``, e.g. the discrete
-        RespacedDDPMScheduler with integer ``t``), whose λ is ``log(α² / (1 - α²))``.
+        [0, 1]), a rectified-flow scheduler (its own ``logsnr`` = 2 log((1 - t) / t) of its time input) or
+        any training scheduler of the protocol (with ``signal_variance``, e.g. the discrete
+        RespacedDDPMScheduler with integer ``t``), whose λ is ``log(α² / (1 - α²))`` (variance preserving).
         """
         if hasattr(schedule, "logsnr"):
             logsnr = schedule.logsnr(t)
