@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
 from _bundle_runner import SMALL_SETTINGS, bundle_parser
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from ambiseg_monai.schedulers import RectifiedFlowHeunScheduler, RectifiedFlowScheduler
 
@@ -78,7 +81,7 @@ def test_the_solver_is_one_override_as_the_docs_say(bundle, key):
 def test_train_evaluate_and_infer_with_the_overlay(bundle, small_demo_dataset, tmp_path):
     settings = {
         "dataset_dir": small_demo_dataset, "demo_dir": None, "output_dir": str(tmp_path / "run"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "log_mlflow_model": False,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
     }  # fmt: skip
     training = _run(
         bundle, ["train.json", OVERLAY], "training", max_epochs=EPOCHS, iterations_per_epoch=ITERATIONS,
@@ -94,6 +97,19 @@ def test_train_evaluate_and_infer_with_the_overlay(bundle, small_demo_dataset, t
     assert "l_vlb" not in terms[0] and ("l_amb" in terms[0]) == (bundle == "cimd")
     first, last = (np.mean([t["l_simple"] for t in part]) for part in (terms[:6], terms[-6:]))
     assert last < 0.8 * first, f"velocity loss {first:.3f} -> {last:.3f}"
+
+    # the MLflow model logged at the end samples with the flow solver (it carries the executed config)
+    client = mlflow.MlflowClient(settings["tracking_uri"])
+    experiment = client.get_experiment_by_name(training.parser.get_parsed_content("experiment_name"))
+    (run,) = client.search_runs([experiment.experiment_id])
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    pyfunc = mlflow.pyfunc.load_model(
+        url2pathname(urlparse(model.artifact_location).path), model_config={"device": "cpu"}
+    )
+    served = ConfigParser(pyfunc.unwrap_python_model().config).get_parsed_content("infer#inferer")
+    assert isinstance(served.scheduler, RectifiedFlowScheduler)
+    out = pyfunc.predict(np.random.default_rng(0).random((1, 1, 16, 16), np.float32), params={"num_samples": 2})
+    assert out["masks"].shape == (1, 2, 16, 16)
 
     evaluation = _run(bundle, ["train.json", OVERLAY, "evaluate.json"], "evaluating", **settings)
     assert isinstance(evaluation.parser.get_parsed_content("evaluate#n4#inferer").scheduler, RectifiedFlowScheduler)
