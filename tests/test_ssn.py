@@ -274,3 +274,17 @@ def test_training_inferer_drives_the_network_and_the_loss():
     assert set(loss.last_terms) == {"loss", "nll", "mean_nll", "l2"}
     assert value.item() == pytest.approx(loss.last_terms["nll"] + 1e-5 * loss.last_terms["l2"], rel=1e-6)
     assert loss.last_terms["l2"] > 0
+
+
+def test_distribution_algebra_stays_float32_under_autocast():
+    # the bundles autocast the network (CUDA fp16, CPU bf16); the parameters, draws and loss stay float32
+    net = _tiny_net()
+    image, target = torch.rand(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LatentTrainingInferer()(image, net, target=target)
+        loss = StochasticSegmentationLoss(num_mc_samples=4)
+        value = loss(out, target)
+        samples = net.eval().sample(image, 3)
+    assert all(out[key].dtype == torch.float32 for key in ("loc", "cov_diag", "cov_factor"))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert samples.dtype == torch.float32 and samples.shape == (2, 3, 8, 8)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -91,6 +94,20 @@ def test_training_writes_checkpoints_sample_grid_and_mlflow_metrics(trained):
         "20",
         "False",
     )
+
+
+def test_training_logs_an_mlflow_model_that_samples_the_bundle_way(trained):
+    root, _ = trained
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    (logged,) = client.search_logged_models(experiment_ids=[client.get_experiment_by_name("ssn").experiment_id])
+    model = mlflow.pyfunc.load_model(
+        url2pathname(urlparse(logged.artifact_location).path), model_config={"device": "cpu"}
+    )
+    assert {p.name: p.default for p in model.metadata.signature.params.params} == {"num_samples": 16, "seed": 0}
+    images = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    out = model.predict(images, params={"num_samples": 5, "seed": 1})
+    assert out["masks"].shape == (2, 5, 16, 16) and set(np.unique(out["masks"])) <= {0, 1}
+    np.testing.assert_allclose(out["mean"], out["masks"].mean(axis=1), atol=1e-6)
 
 
 def test_training_resumes_from_the_last_epoch_checkpoint(small_demo_dataset, tmp_path):
