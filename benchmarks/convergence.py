@@ -57,7 +57,7 @@ from ambiseg_monai.metrics import isolated_pixel_fraction, truth_scores
 from ambiseg_monai.transforms.loading import LoadTruthd
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")
+METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg", "ssn")
 SCORES = ("ged", "mode_tv", "lobe_error", "empty_error", "isolated_pixels")
 # training handlers that only log, checkpoint or validate: a pure training run drops them
 DROPPED_HANDLERS = (

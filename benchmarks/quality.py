@@ -44,7 +44,7 @@ from ambiseg_monai.metrics import (
 )
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")
+METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg", "ssn")
 DIFFUSION = {"cimd", "ambdiffseg", "consensus_diffusion"}
 
 

@@ -7,7 +7,8 @@ Masks per second for N = 16 samples of one image (default 128 x 128), with each 
   official CIMD code runs it: one sample per call (batch 1), all 1000 ancestral steps, the network
   fed the raw image at every step (``network(x, t, image=image)``), fresh device noise per step.
 - ``paper``: the method's published sampler setting through our batched inferer (CIMD and consensus
-  diffusion: 1000 DDPM steps; AmbDiffSeg: 10 steps; Prob. U-Net / PHiSeg: one ``sample`` call per mask).
+  diffusion: 1000 DDPM steps; AmbDiffSeg: 10 steps; Prob. U-Net / PHiSeg / SSN: one ``sample`` call per mask;
+  an SSN's ``fast`` row draws the N logit maps from one backbone pass).
 - ``fast``: our setting: the N masks batched (on a GPU all N in one call; on a CPU ``--cpu-max-rows``
   per call, 4 by default, because a CPU forward pass gets slower per row once the batch outgrows
   the caches), the image encoded once, respaced steps (CIMD 25, consensus 20, AmbDiffSeg 10), mixed precision for the network calls (CUDA: fp16 autocast and
@@ -44,7 +45,7 @@ except ImportError:  # run as a script: this folder is sys.path[0]
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # (paper steps, fast steps) per diffusion method
 DIFFUSION_STEPS = {"cimd": (1000, 25), "ambdiffseg": (10, 10), "consensus_diffusion": (1000, 20)}
-LATENT = ("prob_unet", "phiseg")
+LATENT = ("prob_unet", "phiseg", "ssn")
 METHODS = (*DIFFUSION_STEPS, *LATENT)
 
 

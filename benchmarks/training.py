@@ -35,7 +35,7 @@ except ImportError:  # run as a script: this folder is sys.path[0]
     from _common import print_table
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg")
+METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg", "ssn")
 
 
 def _parse() -> argparse.Namespace:

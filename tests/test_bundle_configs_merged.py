@@ -409,8 +409,9 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     },
 }
 
-#: the total number of lines of the bundles' JSON configs may not grow past this (5,390 before the base)
-JSON_LINE_BUDGET = 3600
+#: the total number of lines of the bundles' JSON configs may not grow past this (5,390 before the base);
+#: 3,600 for the five bundles of the rewrite, plus 263 for bundles/ssn (issue #20), added whole
+JSON_LINE_BUDGET = 3600 + 263
 
 SNAPSHOT = load_snapshot()
 CASES = [(bundle, key) for bundle, combos in sorted(SNAPSHOT["bundles"].items()) for key in sorted(combos)]

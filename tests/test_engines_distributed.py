@@ -31,6 +31,7 @@ TINY = {
     },
     "prob_unet": {"unet_channels": [8, 16], "num_res_units": 1},
     "phiseg": {"channels": [8, 16, 16], "latent_levels": 2, "convs_per_level": 1},
+    "ssn": {"unet_channels": [8, 16], "num_res_units": 1, "num_head_convs": 1},
 }  # fmt: skip
 
 

@@ -140,7 +140,7 @@ def test_evaluation_of_a_damaged_best_model_says_so(tmp_path, keep):
         loader(Engine(lambda engine, batch: None))  # used to be a bare EOFError / zip reader error
 
 
-@pytest.mark.parametrize("bundle", ["cimd", "consensus_diffusion", "ambdiffseg", "prob_unet", "phiseg"])
+@pytest.mark.parametrize("bundle", ["cimd", "consensus_diffusion", "ambdiffseg", "prob_unet", "phiseg", "ssn"])
 def test_every_bundle_writes_its_best_model_atomically(bundle):
     config = merged_config([BUNDLES / bundle / "configs" / "train.json"], root=BUNDLES.parent)  # with bundles/common
     savers = [h for h in config["validate"]["handlers"] if isinstance(h, dict) and h.get("save_key_metric")]

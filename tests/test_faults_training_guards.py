@@ -208,6 +208,7 @@ TINY = {
                             "val_inference_steps": 2},
     "prob_unet": {"unet_channels": [8, 16], "num_res_units": 1},
     "phiseg": {"channels": [8, 16, 16], "latent_levels": 2, "convs_per_level": 1},
+    "ssn": {"unet_channels": [8, 16], "num_res_units": 1, "num_head_convs": 1},
 }
 
 

@@ -1,5 +1,6 @@
 """Networks: conditional denoisers (CIMD, AmbDiffSeg, consensus diffusion), CIMD's AMN/ACN, the RRDB
-image encoder, and the latent-variable baselines (Probabilistic U-Net family, PHiSeg)."""
+image encoder, the latent-variable baselines (Probabilistic U-Net family, PHiSeg) and the Stochastic
+Segmentation Network."""
 
 import ambiseg_monai.networks.ambdiffseg as _ambdiffseg
 import ambiseg_monai.networks.ambiguity as _ambiguity
@@ -10,6 +11,7 @@ import ambiseg_monai.networks.latent_distributions as _latent_distributions
 import ambiseg_monai.networks.phiseg as _phiseg
 import ambiseg_monai.networks.prob_unet as _prob_unet
 import ambiseg_monai.networks.rrdb as _rrdb
+import ambiseg_monai.networks.ssn as _ssn
 from ambiseg_monai.networks.ambdiffseg import *  # noqa: F403
 from ambiseg_monai.networks.ambiguity import *  # noqa: F403
 from ambiseg_monai.networks.cimd import *  # noqa: F403
@@ -19,6 +21,7 @@ from ambiseg_monai.networks.latent_distributions import *  # noqa: F403
 from ambiseg_monai.networks.phiseg import *  # noqa: F403
 from ambiseg_monai.networks.prob_unet import *  # noqa: F403
 from ambiseg_monai.networks.rrdb import *  # noqa: F403
+from ambiseg_monai.networks.ssn import *  # noqa: F403
 
 __all__ = [
     *_ambdiffseg.__all__,
@@ -30,4 +33,5 @@ __all__ = [
     *_phiseg.__all__,
     *_prob_unet.__all__,
     *_rrdb.__all__,
+    *_ssn.__all__,
 ]
