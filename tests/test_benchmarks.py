@@ -79,18 +79,21 @@ def test_fast_setting_caps_rows_per_call_on_cpu_only():
     assert fast_max_rows(4, torch.device("cuda")) is None  # a GPU always takes the whole batch
 
 
-def _untrained_prob_unet_model_file(path) -> None:
-    """A bundle model file (``{"network": state dict}``) of an untrained Prob. U-Net."""
+def _untrained_model_file(path, method: str = "prob_unet", overlays=()) -> None:
+    """A bundle model file of an untrained network of ``method`` (train.json plus ``overlays``), under the
+    key its inference.json loads (``{"network" or "ema": state dict}``)."""
     network = ConfigParser()
-    network.read_config("bundles/prob_unet/configs/train.json")
+    network.read_config([f"bundles/{method}/configs/train.json", *overlays])
     network["device"] = "$torch.device('cpu')"
-    torch.save({"network": network.get_parsed_content("network_def").state_dict()}, path)
+    key = convergence.checkpoint_key(convergence.inference_config(method, ".", overlays, {}))
+    torch.save({key: network.get_parsed_content("network_def").state_dict()}, path)
 
 
 def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkeypatch, capsys, small_demo_dataset):
-    rows = convergence.main(["--methods", "cimd", "prob_unet", "--iterations", "1", "2", "--samples", "2", "--images", "2",
-                             "--threads", "1", "--dataset-dir", small_demo_dataset, "--json", str(tmp_path / "rows.json"),
-                             "--plot", str(tmp_path / "convergence.png"), "--save-dir", str(tmp_path / "weights")])  # fmt: skip
+    rows = convergence.main(["--methods", "cimd", "prob_unet", "--iterations", "1", "2", "--samples", "2",
+                             "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset,
+                             "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "convergence.png"),
+                             "--save-dir", str(tmp_path / "weights")])  # fmt: skip
     by_method = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
@@ -105,9 +108,9 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     assert jittered["mode_tv"] == pytest.approx(truth["mode_tv"])
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     assert (tmp_path / "convergence.png").stat().st_size > 1000
-    assert "| cimd | 2 |" in capsys.readouterr().out
+    assert "| cimd | bundle | ddpm | 50 | 2 |" in capsys.readouterr().out  # the bundle's own sampler and steps
     # a saved bundle model file is scored with the weights its inference.json loads
-    _untrained_prob_unet_model_file(tmp_path / "model.pt")
+    _untrained_model_file(tmp_path / "model.pt")
     scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
                                "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert scored[-1]["method"] == "prob_unet" and scored[-1]["checkpoint"] == str(tmp_path / "model.pt")
@@ -115,18 +118,189 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
         "cimd_it1.pt", "cimd_it2.pt", "prob_unet_it1.pt", "prob_unet_it2.pt"]  # fmt: skip
     assert set(torch.load(tmp_path / "weights" / "cimd_it2.pt", weights_only=True)) == {"ema"}
-    rescored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "weights" / "prob_unet_it2.pt"),
-                                 "--samples", "2", "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
+    saved = str(tmp_path / "weights" / "prob_unet_it2.pt")
+    rescored = convergence.main(["--methods", "prob_unet", "--checkpoint", saved, "--samples", "2", "--images", "2",
+                                 "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     study_row = by_method["prob_unet"][-1]
     assert {k: rescored[-1][k] for k in convergence.SCORES} == {k: study_row[k] for k in convergence.SCORES}
 
 
-def test_oracle_in_band_replaces_the_network_only_inside_the_band():
-    from benchmarks.denoiser_vs_oracle import OracleInBand
+FLOW = {method: f"bundles/{method}/configs/flow_matching.json" for method in ("cimd", "ambdiffseg")}
 
+
+def _model_rows(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if "iterations" in row or "checkpoint" in row]
+
+
+@pytest.mark.parametrize(
+    ("method", "overlays", "variant"),
+    [
+        ("cimd", [], "bundle"),
+        ("cimd", [FLOW["cimd"]], "flow_matching"),
+        ("ambdiffseg", [FLOW["ambdiffseg"]], "flow_matching"),
+    ],
+)
+def test_steps_id_and_sampler_switch_of_the_inference_config(method, overlays, variant):
+    parser = convergence.inference_config(method, ".", overlays, {})
+    # every bundle's inference.json feeds its inferer "@inference_steps" (AmbDiffSeg's is "@num_inference_steps")
+    assert convergence.steps_id(parser) == "inference_steps"
+    assert convergence.variant_name(overlays) == variant
+    family, sampler = convergence.sampler_of(parser)
+    assert (family, sampler) == (("flow", "euler") if overlays else ("respaced", "ddpm"))
+    other = "heun" if overlays else "ddim"
+    convergence.use_sampler(parser, other)
+    assert convergence.sampler_of(parser) == (family, other)
+    with pytest.raises(ValueError, match="does not fit"):
+        convergence.use_sampler(parser, "ddim" if overlays else "euler")
+
+
+def test_sampling_settings_keep_the_fitting_samplers_and_score_a_latent_model_once():
+    args = convergence._parse(["--samplers", "bundle", "ddpm", "ddim", "heun", "--sampling-steps", "1", "5"])
+    # CIMD's own sampler is DDPM: "ddpm" again is dropped, Heun does not fit
+    assert convergence.sampling_settings("cimd", ".", [], args) == [
+        ("bundle", 1), ("bundle", 5), ("ddim", 1), ("ddim", 5)]  # fmt: skip
+    assert convergence.sampling_settings("cimd", ".", [FLOW["cimd"]], args) == [
+        ("bundle", 1), ("bundle", 5), ("heun", 1), ("heun", 5)]  # fmt: skip
+    assert convergence.sampling_settings("prob_unet", ".", [], args) == [("bundle", None)]  # no sampler, no steps
+
+
+def test_convergence_sweeps_the_sampling_steps_of_a_saved_ddpm_and_flow_model(tmp_path, small_demo_dataset, capsys):
+    common = ["--samples", "2", "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset]
+    # the DDPM CIMD bundle: its own sampler and DDIM, once per step count; a flow solver does not fit it
+    _untrained_model_file(tmp_path / "cimd_it3.pt", "cimd")  # named as --save-dir names them: 3 iterations
+    rows = convergence.main(["--methods", "cimd", "--checkpoint", str(tmp_path / "cimd_it3.pt"), "--sampling-steps",
+                             "1", "3", "--samplers", "bundle", "ddim", "heun", "--json", str(tmp_path / "ddpm.json"),
+                             *common])  # fmt: skip
+    scored = _model_rows(rows)
+    assert [(r["variant"], r["sampler"], r["sampling_steps"], r["network_calls"]) for r in scored] == [
+        ("bundle", "ddpm", 1, 1), ("bundle", "ddpm", 3, 3), ("bundle", "ddim", 1, 1), ("bundle", "ddim", 3, 3),
+    ]  # fmt: skip
+    for row in scored:
+        assert row["checkpoint"] == str(tmp_path / "cimd_it3.pt") and row["iterations"] == 3
+        assert row["images"] == 2 and row["sample_s"] > 0 and 0.0 <= row["ged"] <= 2.0 and 0.0 <= row["mode_tv"] <= 1.0
+    out = capsys.readouterr().out
+    assert "sampler 'heun' does not fit" in out and "| cimd | bundle | ddim | 3 | 3 |" in out
+    assert "| cimd | bundle | ddim | 3 | 2 | own |" in out  # speed at equal quality
+    # the flow overlay: the variant is named after it; Heun's K steps cost 2K - 1 network calls
+    _untrained_model_file(tmp_path / "cimd_flow_it3.pt", "cimd", [FLOW["cimd"]])
+    rows = convergence.main(["--methods", "cimd", "--checkpoint", str(tmp_path / "cimd_flow_it3.pt"), "--overlays",
+                             FLOW["cimd"], "--sampling-steps", "1", "3", "--samplers", "euler", "heun",
+                             "--json", str(tmp_path / "flow.json"), *common])  # fmt: skip
+    assert [(r["variant"], r["sampler"], r["sampling_steps"], r["network_calls"]) for r in _model_rows(rows)] == [
+        ("flow_matching", "euler", 1, 1), ("flow_matching", "euler", 3, 3),
+        ("flow_matching", "heun", 1, 1), ("flow_matching", "heun", 3, 5)]  # fmt: skip
+    # the two runs' rows in one table, plot and summary: the truth rows once, a common target at 3 iterations
+    capsys.readouterr()
+    both = convergence.main(["--from-json", str(tmp_path / "ddpm.json"), str(tmp_path / "flow.json"),
+                             "--plot", str(tmp_path / "steps.png")])  # fmt: skip
+    assert [r["method"] for r in both].count("truth") == 1 and len(_model_rows(both)) == 8
+    out = capsys.readouterr().out
+    assert (
+        "| cimd | flow_matching | heun | 3 | 2 | common |" in out and "| cimd | bundle | ddpm | 3 | 2 | common |" in out
+    )
+    assert (tmp_path / "steps.png").stat().st_size > 1000
+    # AmbDiffSeg: the sweep overrides its inference_steps (a reference to num_inference_steps); without a
+    # sweep the row records the bundle's 10 steps
+    _untrained_model_file(tmp_path / "amb.pt", "ambdiffseg", [FLOW["ambdiffseg"]])
+    amb = ["--methods", "ambdiffseg", "--checkpoint", str(tmp_path / "amb.pt"), "--overlays", FLOW["ambdiffseg"],
+           *common]  # fmt: skip
+    swept = _model_rows(convergence.main([*amb, "--sampling-steps", "2"]))
+    assert [(r["sampler"], r["sampling_steps"], r["network_calls"]) for r in swept] == [("euler", 2, 2)]
+    default = _model_rows(convergence.main(amb))
+    assert [(r["sampler"], r["sampling_steps"], r["network_calls"]) for r in default] == [("euler", 10, 10)]
+
+
+def test_convergence_trains_each_variant_and_scoring_does_not_change_the_training(tmp_path, small_demo_dataset, capsys):
+    common = ["--methods", "cimd", "--samples", "2", "--images", "2", "--threads", "1",
+              "--dataset-dir", small_demo_dataset]  # fmt: skip
+    rows = convergence.main([*common, "--variants", "ddpm=", "flow=bundles/{method}/configs/flow_matching.json",
+                             "--iterations", "1", "2", "--sampling-steps", "1", "2", "--save-dir", str(tmp_path / "w"),
+                             "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "plot.png")])  # fmt: skip
+    scored = _model_rows(rows)
+    assert [(r["variant"], r["sampler"], r["iterations"], r["sampling_steps"]) for r in scored] == [
+        ("ddpm", "ddpm", 1, 1), ("ddpm", "ddpm", 1, 2), ("ddpm", "ddpm", 2, 1), ("ddpm", "ddpm", 2, 2),
+        ("flow", "euler", 1, 1), ("flow", "euler", 1, 2), ("flow", "euler", 2, 1), ("flow", "euler", 2, 2)]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "cimd_ddpm_it1.pt", "cimd_ddpm_it2.pt", "cimd_flow_it1.pt", "cimd_flow_it2.pt"]  # fmt: skip
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| cimd | flow | euler | 2 | 2 |" in out and "| cimd | ddpm | ddpm | 2 | 2 | common |" in out
+    # the scored points run with the random state kept: training straight to 2 iterations, scored once,
+    # gives the same weights (and scores) as the sweep above, which scored 2 settings after iteration 1
+    again = convergence.main([*common, "--variants", "ddpm=", "--iterations", "2", "--sampling-steps", "2",
+                              "--save-dir", str(tmp_path / "again")])  # fmt: skip
+    assert {k: _model_rows(again)[0][k] for k in convergence.SCORES} == {k: scored[3][k] for k in convergence.SCORES}
+    straight, swept = (
+        torch.load(d / "cimd_ddpm_it2.pt", weights_only=True)["ema"] for d in (tmp_path / "again", tmp_path / "w")
+    )
+    assert all(torch.equal(straight[k], swept[k]) for k in swept)
+    # the rows of earlier runs are summarised again without training
+    assert convergence.main(["--from-json", str(tmp_path / "rows.json")]) == rows
+    assert "| cimd | flow | euler | 2 | 2 | own |" in capsys.readouterr().out
+
+
+def _sweep_rows(variant: str, geds, lobes, steps=(1, 2, 5, 10, 25, 50)) -> list[dict]:
+    """Hand-made sweep rows: 4 samples x 2 images, 0.8 s per step (0.1 s per mask and step)."""
+    return [{"method": "cimd", "variant": variant, "sampler": "euler" if variant == "flow" else "ddpm",
+             "sampling_steps": k, "network_calls": k, "iterations": 1000, "samples": 4, "images": 2,
+             "sample_s": 0.8 * k, "ged": g, "mode_tv": 0.2, "lobe_error": lobe, "empty_error": 0.0}
+            for k, g, lobe in zip(steps, geds, lobes, strict=True)]  # fmt: skip
+
+
+def test_equal_quality_picks_the_fewest_steps_within_the_tolerance():
+    ddpm = _sweep_rows("ddpm", [0.5, 0.3, 0.12, 0.105, 0.10, 0.13], [0.3, 0.2, 0.1, 0.09, 0.085, 0.08])
+    flow = _sweep_rows("flow", [0.2, 0.108, 0.095, 0.09, 0.09, 0.09], [0.15, 0.095, 0.085, 0.08, 0.08, 0.08])
+    truth = {"method": "truth", "samples": 4, "ged": 0.01, "mode_tv": 0.1, "lobe_error": 0.05, "empty_error": 0.0}
+    summary = convergence.equal_quality([truth, *ddpm, *flow], tolerance=(0.01, 0.02))
+    picked = {(s["variant"], s["target"]): s for s in summary}
+    assert set(picked) == {("ddpm", "own"), ("flow", "own"), ("ddpm", "common"), ("flow", "common")}
+    # own: GED <= 0.10 + 0.01 (best at 25 steps) and lobe error <= 0.08 + 0.02: 5 steps miss GED, 10 meet both
+    own = picked["ddpm", "own"]
+    assert own["steps"] == 10 and own["ged_limit"] == pytest.approx(0.11) and own["lobe_limit"] == pytest.approx(0.10)
+    assert (
+        own["s_per_mask"] == pytest.approx(1.0) and own["speedup"] == pytest.approx(5.0) and own["largest_steps"] == 50
+    )
+    assert picked["flow", "own"]["steps"] == 5  # GED <= 0.10: 2 steps (0.108) miss it
+    # common target: the worse variant's references (GED 0.10, lobe 0.08) plus the tolerance
+    assert picked["flow", "common"]["steps"] == 2 and picked["ddpm", "common"]["steps"] == 10
+    # reference "last": the 50-step values (DDPM's GED 0.13 there): 5 steps are within 0.14
+    last = {
+        (s["variant"], s["target"]): s["steps"] for s in convergence.equal_quality(ddpm + flow, (0.01, 0.02), "last")
+    }
+    assert last["ddpm", "own"] == 5 and last["flow", "own"] == 5
+    # a NaN lobe error (no non-empty sample) drops that criterion; no step count within the limits: None
+    nan = _sweep_rows("flow", [0.3, 0.2], [float("nan")] * 2, steps=(1, 2))
+    assert convergence.equal_quality(nan)[0]["steps"] == 2
+    apart = _sweep_rows("ddpm", [0.3, 0.5], [0.3, 0.2], steps=(1, 2))  # the best GED and lobe error at different steps
+    assert convergence.equal_quality(apart, (0.0, 0.0))[0]["steps"] is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--sampling-steps", "0"], "argument --sampling-steps: 0 is not a number of sampling steps"),
+     (["--sampling-steps", "five"], "argument --sampling-steps: 'five' is not an integer"),
+     (["--variants", "flow"], "argument --variants: a variant is NAME=FILE"),
+     (["--samplers", "rk4"], "argument --samplers: invalid choice: 'rk4'")],
+)  # fmt: skip
+def test_convergence_rejects_bad_sweep_settings_with_a_clear_message(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convergence._parse(arguments)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_convergence_names_a_missing_overlay_and_a_sampler_that_fits_no_variant(small_demo_dataset):
+    with pytest.raises(SystemExit, match="no such overlay file"):
+        convergence.main(["--methods", "prob_unet", "--variants", "flow=bundles/{method}/configs/flow_matching.json"])
+    with pytest.raises(SystemExit, match="none of --samplers"):
+        convergence.main(["--methods", "cimd", "--samplers", "heun", "--iterations", "1", "--dataset-dir",
+                          small_demo_dataset, "--samples", "2", "--images", "2", "--threads", "1"])  # fmt: skip
+
+
+def test_oracle_in_band_replaces_the_network_only_inside_the_band():
     from ambiseg_monai.diffusion import MixtureOracleDenoiser
     from ambiseg_monai.networks.denoisers import ConditionalDenoiser
     from ambiseg_monai.schedulers import RespacedDDPMScheduler
+    from benchmarks.denoiser_vs_oracle import OracleInBand
 
     class Constant(ConditionalDenoiser):
         def encode_condition(self, image):
@@ -163,7 +337,7 @@ def test_denoiser_vs_oracle_scores_a_saved_cimd_model(tmp_path, small_demo_datas
 def test_memorisation_compares_sampled_lobe_frequencies_with_the_images_own_draws(tmp_path, small_demo_dataset):
     from benchmarks import memorisation
 
-    _untrained_prob_unet_model_file(tmp_path / "model.pt")
+    _untrained_model_file(tmp_path / "model.pt")
     result = memorisation.main(["--method", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--images", "3",
                                 "--samples", "4", "--threads", "1", "--dataset-dir", small_demo_dataset])  # fmt: skip
     assert result["split"] == "training" and result["lobes"] >= 3  # every demo image has 1-2 lobes
