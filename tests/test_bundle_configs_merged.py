@@ -198,6 +198,46 @@ _SOFT_DICE_5 = {
 
 #: file of a combination (``"train.json"``, or ``"<bundle>/train.json"`` for one bundle) ->
 #: {config id: the value it now has on purpose, or ``REMOVED``}
+#: issue #15: label-preserving flips and 90-degree rotations after the label strategy, switched by ``augment``
+#: (bundles/common ``augmentation``; off in these bundles, on in AmbDiffSeg's demo config: it stops a model from
+#: memorising each training image's own rater draws, docs/benchmarks.md)
+_AUGMENT_OFF = "$not @augment"  # the snapshot's form of the bundles' as_flag(@augment, 'augment')
+_COMMON_AUGMENTATION = {
+    "augment": False,
+    "augmentation": {
+        "_target_": "Compose",
+        "transforms": [
+            {
+                "_target_": "RandFlipd",
+                "_disabled_": _AUGMENT_OFF,
+                "keys": ["image", "target", "label"],
+                "prob": 0.5,
+                "spatial_axis": 0,
+                "allow_missing_keys": True,
+            },
+            {
+                "_target_": "RandRotate90d",
+                "_disabled_": _AUGMENT_OFF,
+                "keys": ["image", "target", "label"],
+                "prob": 0.75,
+                "max_k": 3,
+                "allow_missing_keys": True,
+            },
+        ],
+    },
+    "train#preprocessing#transforms#3": Inserted("@augmentation"),
+}
+#: issue #15: AmbDiffSeg's demo config trains with its geometric augmentation; the intensity transforms, which
+#: would change the lobe intensity that sets a demo lobe's probability, have their own switch (off)
+_AMBDIFFSEG_AUGMENTATION = {
+    "augment": True,
+    "augment_intensity": False,
+    **{
+        f"train#preprocessing#transforms#{index}#_disabled_": "$not @augment_intensity" for index in (7, 8, 9)
+    },
+}
+
+
 INTENDED_CHANGES: dict[str, dict[str, object]] = {
     # The shared multi-GPU overlay keeps the ranks other than 0 from probing the tracking server (which
     # only consensus_diffusion's copy did): they log nothing, so they take the configured URI as is.
@@ -288,6 +328,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     },
     # provenance_params: the computed values of the former experiment_param (its literals are logged anyway)
     "cimd/train.json": {
+        **_COMMON_AUGMENTATION,
         "provenance_params": {"method": "cimd", "num_raters": "@num_raters"},
         # issue #15: ε-prediction weights the x_0 error by SNR, almost nothing in the band t = 400-700 where
         # the lobes are decided; the denoiser under-used the evidence there and sharpened the frequencies
@@ -300,6 +341,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     # the paper overlays train with the paper's ε-prediction (see cimd/train.json above)
     **{f"cimd/{overlay}.json": {"prediction_type": "epsilon"} for overlay in ("lidc", "ms", "bone_us")},
     "ambdiffseg/train.json": {
+        **_AMBDIFFSEG_AUGMENTATION,
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
             "method": "ambdiffseg",
@@ -335,6 +377,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     **{f"consensus_diffusion/qubiq_{name}.json": {"prediction_type": "epsilon"}
        for name in ("brain_growth", "brain_tumor", "kidney", "prostate1", "prostate2")},
     "prob_unet/train.json": {
+        **_COMMON_AUGMENTATION,
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
             "method": "prob_unet",
@@ -345,6 +388,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
     },
     "phiseg/train.json": {
+        **_COMMON_AUGMENTATION,
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {"method": "phiseg", "num_raters": "@num_raters"},
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
@@ -399,6 +443,8 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         # the StatsHandler is gone (see _eval_phase; last, as it moves the handlers after it)
         "evaluate#handlers#5": REMOVED,
     },
+    # the paper's LIDC setting: the official code trains with its augmentation switched off
+    "ambdiffseg/lidc.json": {"augment": False},
     "prob_unet/evaluate.json": {
         **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
