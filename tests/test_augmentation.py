@@ -64,10 +64,19 @@ def test_augment_applies_one_dihedral_op_to_image_target_and_raters(bundle, smal
     assert len(ops_seen) >= 4, f"augment=true applied only {sorted(ops_seen)} of the 8 flips/rotations"
 
 
+@pytest.mark.parametrize(
+    "bundle, default", [("cimd", False), ("prob_unet", True), ("phiseg", False), ("ssn", False), ("ambdiffseg", True)]
+)
+def test_each_bundle_s_augment_default(bundle, default, small_demo_dataset):
+    """On where the demo study measured it to stop memorisation (docs/benchmarks.md), off elsewhere."""
+    parser, _ = _train_preprocessing(bundle, small_demo_dataset, {})
+    assert parser.get_parsed_content("augment") is default
+
+
 @pytest.mark.parametrize("bundle", ["cimd", "prob_unet", "phiseg", "ssn"])
 def test_augment_off_leaves_the_training_items_alone(bundle, small_demo_dataset):
     item = _first_case(small_demo_dataset)
-    _, plain = _train_preprocessing(bundle, small_demo_dataset, {})
+    _, plain = _train_preprocessing(bundle, small_demo_dataset, {"augment": False})
     first, second = plain(dict(item)), plain(dict(item))
     assert np.array_equal(np.asarray(first["image"]), np.asarray(second["image"]))
     assert np.array_equal(np.asarray(first["image"]), _loaded(item, "image"))
