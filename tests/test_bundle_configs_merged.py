@@ -199,8 +199,9 @@ _SOFT_DICE_5 = {
 #: file of a combination (``"train.json"``, or ``"<bundle>/train.json"`` for one bundle) ->
 #: {config id: the value it now has on purpose, or ``REMOVED``}
 #: issue #15: label-preserving flips and 90-degree rotations after the label strategy, switched by ``augment``
-#: (bundles/common ``augmentation``; on where it was measured to stop a model from memorising each training
-#: image's own rater draws, docs/benchmarks.md: the Prob. U-Net, and AmbDiffSeg's own augmentation)
+#: (bundles/common ``augmentation``; on where the demo study measured it to stop a model from degrading with
+#: training by memorising each training image's own rater draws, docs/benchmarks.md: Prob. U-Net, PHiSeg,
+#: SSN, and AmbDiffSeg's own augmentation; CIMD was not measured with it and keeps it off)
 _AUGMENT_OFF = "$not @augment"  # the snapshot's form of the bundles' as_flag(@augment, 'augment')
 _COMMON_AUGMENTATION = {
     "augment": False,
@@ -377,7 +378,6 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     **{f"consensus_diffusion/qubiq_{name}.json": {"prediction_type": "epsilon"}
        for name in ("brain_growth", "brain_tumor", "kidney", "prostate1", "prostate2")},
     "prob_unet/train.json": {
-        # on for the Prob. U-Net: without it, it memorised the training images' own draws (docs/benchmarks.md)
         **_COMMON_AUGMENTATION,
         "augment": True,
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
@@ -391,6 +391,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
     },
     "phiseg/train.json": {
         **_COMMON_AUGMENTATION,
+        "augment": True,
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {"method": "phiseg", "num_raters": "@num_raters"},
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms", "loss_function": "@train#loss"},
