@@ -104,6 +104,20 @@ class LatentEncoder(nn.Module):
         return self.latent_distribution(self.encode(x))
 
 
+def decoder_features_unet(in_channels: int, channels: tuple[int, ...], num_res_units: int, norm: str | tuple) -> UNet:
+    """MONAI's 2D ``UNet`` with ``out_channels = channels[0]``: it ends in a plain convolution, so its output
+    is the last decoder features (pre-activation), ``B x channels[0] x H x W``, for a method's own head."""
+    return UNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=channels[0],
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=num_res_units,
+        norm=norm,
+    )
+
+
 class LatentSegmentationNetwork(nn.Module):
     """Base of the latent-variable segmentation networks (:class:`ProbabilisticUNet`, PHiSeg): the image check
     and the sampling entry point they share. It holds no parameters (subclasses' state_dict keys are their own).
@@ -195,17 +209,7 @@ class ProbabilisticUNet(LatentSegmentationNetwork):
         self.size_divisor = 2 ** (len(self.channels) - 1)
 
         features = self.channels[0]
-        # MONAI's UNet ends in a plain convolution: with out_channels=features it yields the last decoder
-        # features (pre-activation) that the combiner mixes with z.
-        self.unet = UNet(
-            spatial_dims=2,
-            in_channels=self.in_channels,
-            out_channels=features,
-            channels=self.channels,
-            strides=(2,) * (len(self.channels) - 1),
-            num_res_units=num_res_units,
-            norm=norm,
-        )
+        self.unet = decoder_features_unet(self.in_channels, self.channels, num_res_units, norm)  # mixed with z
         self.prior = LatentEncoder(2, self.in_channels, self.channels, self.latent_distribution, num_res_units, norm)
         self.posterior = LatentEncoder(
             2, self.in_channels + 1, self.channels, self.latent_distribution, num_res_units, norm

@@ -33,11 +33,10 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import UNet
 from torch import nn
 from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, Normal
 
-from ambiseg_monai.networks.prob_unet import LatentSegmentationNetwork
+from ambiseg_monai.networks.prob_unet import LatentSegmentationNetwork, decoder_features_unet
 
 __all__ = [
     "COVARIANCE_EPSILON",
@@ -190,17 +189,8 @@ class StochasticSegmentationNetwork(LatentSegmentationNetwork):
         self.size_divisor = 2 ** (len(self.channels) - 1)
 
         features = self.channels[0]
-        # MONAI's UNet ends in a plain convolution: with out_channels=features it yields the last decoder
-        # features (pre-activation), activated below as in the authors' code (ReLU before the heads).
-        self.unet = UNet(
-            spatial_dims=2,
-            in_channels=self.in_channels,
-            out_channels=features,
-            channels=self.channels,
-            strides=(2,) * (len(self.channels) - 1),
-            num_res_units=num_res_units,
-            norm=norm,
-        )
+        # the last decoder features (pre-activation), activated below as in the authors' code (ReLU before the heads)
+        self.unet = decoder_features_unet(self.in_channels, self.channels, num_res_units, norm)
         head: list[nn.Module] = [nn.ReLU()]
         for _ in range(num_head_convs):
             head.append(Convolution(2, features, features, kernel_size=1, act="relu", norm=norm))
