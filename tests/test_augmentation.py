@@ -3,23 +3,17 @@ image, the training target and every rater's mask, switched per bundle (issue #1
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from monai.bundle import ConfigParser
+from _bundle_runner import REPO, bundle_parser
 
 from ambiseg_monai.bundle.config import resolve_macros
 from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.transforms.loading import LoadImage2Dd
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _train_preprocessing(bundle: str, dataset_dir: str, overrides: dict, overlays: tuple[str, ...] = ()):
-    parser = ConfigParser()
-    configs = REPO / "bundles" / bundle / "configs"
-    parser.read_config([str(configs / "train.json"), *(str(configs / name) for name in overlays)])
+def _train_preprocessing(bundle: str, dataset_dir: str, overrides: dict):
+    parser = bundle_parser(REPO / "bundles" / bundle / "configs")
     parser.update({"dataset_dir": dataset_dir, "demo_dir": None, **overrides})
     resolve_macros(parser, REPO)
     return parser, parser.get_parsed_content("train#preprocessing")
@@ -95,7 +89,5 @@ def test_ambdiffseg_demo_trains_with_geometric_augmentation_only(small_demo_data
     assert not {"RandAdjustContrastd", "RandScaleIntensityd", "RandShiftIntensityd"} & set(names)
     _, intensity = _train_preprocessing("ambdiffseg", small_demo_dataset, {"augment_intensity": True})
     assert {"RandAdjustContrastd", "RandScaleIntensityd", "RandShiftIntensityd"} <= set(_names(intensity))
-    parser = ConfigParser()
-    configs = REPO / "bundles" / "ambdiffseg" / "configs"
-    parser.read_config([str(configs / "train.json"), str(configs / "lidc.json")])
+    parser = bundle_parser(REPO / "bundles" / "ambdiffseg" / "configs", "lidc.json")
     assert parser.get_parsed_content("augment") is False
