@@ -39,6 +39,28 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_fixture(
+    source: Path, scans: int, image_size: tuple[int, int] = (ROWS, COLUMNS), padding_slices: int = 0
+) -> int:
+    """Write ``scans`` fixture scans (``LIDC-IDRI-0001`` ...) under ``source``; returns slices per scan."""
+    for n in range(1, scans + 1):
+        make_lidc_scan(source, n, shape=tuple(image_size), padding_slices=padding_slices)
+    return len(Z_POSITIONS) + 2 * padding_slices
+
+
+def time_import(
+    source: Path, out_root: Path, workers: int, crop_size: int = 128, repeats: int = 1
+) -> tuple[float, int]:
+    """Best seconds of ``repeats`` whole ``prepare_lidc`` runs of ``source`` with ``workers``; the samples written."""
+    best = float("inf")
+    for repeat in range(repeats):
+        out = out_root / f"out-{workers}-{repeat}"
+        start = time.perf_counter()
+        summary = prepare_lidc(source, out, LidcOptions(crop_size=crop_size), workers=workers, progress=False)
+        best = min(best, time.perf_counter() - start)
+    return best, sum(summary.samples.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if not real_marks():
@@ -48,25 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lidc-bench-") as tmp:
         source = Path(tmp) / "LIDC-IDRI"
         start = time.perf_counter()
-        for n in range(1, args.scans + 1):
-            make_lidc_scan(source, n, shape=tuple(args.image_size), padding_slices=args.padding_slices)
-        slices = len(Z_POSITIONS) + 2 * args.padding_slices
+        slices = write_fixture(source, args.scans, tuple(args.image_size), args.padding_slices)
         print(f"fixture: {args.scans} scans of {slices} slices, {args.image_size[0]} x {args.image_size[1]} "
               f"(written in {time.perf_counter() - start:.1f} s); crop {args.crop_size}; "
               f"{os.cpu_count()} CPUs")
         print(f"{'workers':>8} {'seconds':>9} {'scans/min':>10} {'samples':>8}")
         for workers in args.workers:
-            best = float("inf")
-            for repeat in range(args.repeats):
-                out = Path(tmp) / f"out-{workers}-{repeat}"
-                start = time.perf_counter()
-                summary = prepare_lidc(source, out, LidcOptions(crop_size=args.crop_size), workers=workers,
-                                       progress=False)
-                best = min(best, time.perf_counter() - start)
-            samples = sum(summary.samples.values())
+            best, samples = time_import(source, Path(tmp), workers, args.crop_size, args.repeats)
             print(f"{workers:>8} {best:>9.2f} {60.0 * args.scans / best:>10.1f} {samples:>8}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
