@@ -35,6 +35,10 @@ SUITE = {
     "convergence": (["--iterations", "250", "1000", "--samples", "32", "--threads", "1"],
                     ["--iterations", "250", "500", "1000", "2000", "4000", "8000", "--samples", "64",
                      "--final-samples", "200"]),
+    "hardware_limit": (["--image-size", "64", "--repeats", "2", "--threads", "1"],
+                       ["--image-size", "128", "--threads", "1"]),
+    "cost_curves": (["--repeats", "1", "--threads", "1", "--out-dir", "benchmark_curves"],
+                    ["--repeats", "2", "--threads", "1", "--out-dir", "benchmark_curves"]),
 }
 
 def _parse() -> argparse.Namespace:
