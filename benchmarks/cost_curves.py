@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
+    # the importer first: its worker processes are forked from this one, which the sampling curves grow by GBs
+    preprocessing = curve_preprocessing(args.scans, args.workers, args.repeats)
     network = _cimd_network()
     max_rows = args.cpu_max_rows or None
     results: dict = {
@@ -471,10 +473,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     ]
     results["size"] = curve_size(network, args.sizes, args.timed_steps, amp, args.repeats)
+    results["preprocessing"] = preprocessing
     results["steps"] = curve_steps(
         network, args.steps, args.n_size, 4, args.max_full_steps, max_rows, amp, args.repeats
     )
-    results["preprocessing"] = curve_preprocessing(args.scans, args.workers, args.repeats)
     results["load_after"] = os.getloadavg()[0]
     report(results)
     print(f"\nload average at the end: {results['load_after']:.2f}")
