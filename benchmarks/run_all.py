@@ -35,6 +35,8 @@ SUITE = {
     "convergence": (["--iterations", "250", "1000", "--samples", "32", "--threads", "1"],
                     ["--iterations", "250", "500", "1000", "2000", "4000", "8000", "--samples", "64",
                      "--final-samples", "200"]),
+    # the GPU check: tiny sizes on a CPU (about a minute), the paper's sizes on a GPU (about 8 minutes)
+    "gpu_check": (["--tiny"], []),
 }
 
 def _parse() -> argparse.Namespace:
