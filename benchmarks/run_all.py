@@ -39,6 +39,8 @@ SUITE = {
                        ["--image-size", "128", "--threads", "1"]),
     "cost_curves": (["--repeats", "1", "--threads", "1", "--out-dir", "benchmark_curves"],
                     ["--repeats", "2", "--threads", "1", "--out-dir", "benchmark_curves"]),
+    # the GPU check: tiny sizes on a CPU (about a minute), the paper's sizes on a GPU (about 8 minutes)
+    "gpu_check": (["--tiny"], []),
 }
 
 def _parse() -> argparse.Namespace:

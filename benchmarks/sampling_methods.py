@@ -11,9 +11,10 @@ Masks per second for N = 16 samples of one image (default 128 x 128), with each 
   an SSN's ``fast`` row draws the N logit maps from one backbone pass).
 - ``fast``: our setting: the N masks batched (on a GPU all N in one call; on a CPU ``--cpu-max-rows``
   per call, 4 by default, because a CPU forward pass gets slower per row once the batch outgrows
-  the caches), the image encoded once, respaced steps (CIMD 25, consensus 20, AmbDiffSeg 10), mixed precision for the network calls (CUDA: fp16 autocast and
-  channels-last; CPU: bfloat16 autocast where the CPU has native bfloat16, e.g. AVX512-BF16 or AMX;
-  ``--no-amp`` turns it off). The scheduler arithmetic stays float32.
+  the caches), the image encoded once, respaced steps (CIMD 25, consensus 20, AmbDiffSeg 10), mixed
+  precision for the network calls (CUDA: fp16 autocast and channels-last; CPU: bfloat16 autocast where
+  the CPU has native bfloat16, e.g. AVX512-BF16 or AMX; ``--no-amp`` turns it off).
+  The scheduler arithmetic stays float32.
 
 Long chains are timed on their first ``--timed-steps`` steps and extrapolated linearly (every step
 of a chain costs the same: one network call plus one scheduler step); the printout says so.
@@ -28,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
@@ -64,12 +68,20 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_method(method: str, device: torch.device) -> ConfigParser:
-    """The bundle's training config with the device set (network, schedulers, inferers are read from it)."""
+def load_method(
+    method: str, device: torch.device, overlays: Sequence[str] = (), overrides: Mapping[str, Any] | None = None
+) -> ConfigParser:
+    """The bundle's training config with the device set (network, schedulers, inferers are read from it).
+
+    ``overlays``: config files of the bundle read after ``train.json`` (e.g. ``lidc.json``, the paper's
+    network); ``overrides``: config id -> value, applied last.
+    """
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
+    configs = BUNDLES / method / "configs"
+    parser.read_config([str(configs / "train.json"), *(str(configs / name) for name in overlays)])
     parser["device"] = f"$torch.device('{device}')"
     parser["num_raters"] = 4  # the demo's rater count; avoids generating a dataset for a speed test
+    parser.update(dict(overrides or {}))
     return parser
 
 
@@ -98,7 +110,9 @@ def official_cimd_loop(network, scheduler, image: torch.Tensor, num_samples: int
             x, _ = scheduler.step(out, t, x, noise=torch.randn_like(x))
 
 
-def _diffusion_inferer(method: str, parser: ConfigParser, num_samples: int, steps: int, max_rows: int | None = None):
+def diffusion_inferer(method: str, parser: ConfigParser, num_samples: int, steps: int, max_rows: int | None = None):
+    """The method's N-sample inferer read from ``parser`` (edited): ``num_samples`` masks per image in ``steps`` steps,
+    ``max_rows`` masks per network call (None: all). Called as ``inferer(image 1 x C x H x W, network)``."""
     if method == "consensus_diffusion":
         parser["consensus_inferer#num_generations"] = max(1, num_samples // 4)
         parser["consensus_inferer#num_inference_steps"] = steps
@@ -147,66 +161,106 @@ def bare_forward_time(
     return best_seconds(run, image.device, repeats)
 
 
+Row = tuple[str, str, float, str]  # (method, setting, masks/s, ratio note)
+
+
+def method_rows(
+    method: str,
+    make_parser: Callable[[], ConfigParser],
+    image: torch.Tensor,
+    num_samples: int,
+    timed_steps: int,
+    repeats: int,
+    amp: torch.dtype | None,
+    max_rows: int | None,
+    official_rate: float | None = None,
+) -> tuple[list[Row], float | None]:
+    """The rows of one method: official loop (CIMD), paper setting, fast setting (see the module docstring).
+
+    Args:
+        method: a bundle name.
+        make_parser: returns a fresh :func:`load_method` parser of the bundle (the fast setting needs its own).
+        image: 1 x C x H x W, on the device to measure on.
+        num_samples: N masks per image.
+        timed_steps: steps timed per long chain (then extrapolated).
+        repeats: timed runs per setting (best is kept).
+        amp: the fast setting's autocast dtype (None: float32).
+        max_rows: the fast setting's masks per network call (None: all N).
+        official_rate: masks/s of the official CIMD loop, for the ratio notes (measured here for ``cimd``).
+
+    Returns:
+        the rows and the official loop's masks/s (``official_rate`` unless ``method`` is CIMD).
+    """
+    device, n, r = image.device, num_samples, repeats
+    torch.manual_seed(0)
+    parser = make_parser()
+    network = parser.get_parsed_content("network").eval()
+    rows: list[Row] = []
+    if method in LATENT:
+        inferer = parser.get_parsed_content("validate#inferer", lazy=False)
+        one = type(inferer)(num_samples=1, seed=0)
+        batched = type(inferer)(num_samples=n, seed=0)
+        with torch.no_grad():
+            batched(image, network, image_ids=["warm"])
+            paper_s = best_seconds(lambda: [one(image, network, image_ids=[f"s{i}"]) for i in range(n)], device, r)
+            fast_s = best_seconds(lambda: batched(image, network, image_ids=["x"]), device, r)
+        rows.append((method, "paper (1 mask per call)", n / paper_s, ""))
+        rows.append((method, "fast (N masks in 1 call)", n / fast_s, f"{paper_s / fast_s:.1f}x vs paper"))
+        return rows, official_rate
+    paper_steps, fast_steps = DIFFUSION_STEPS[method]
+    if method == "cimd":
+        scheduler = parser.get_parsed_content("sampling_scheduler")
+        timed = min(timed_steps, 1000)
+        with torch.no_grad():
+            official_cimd_loop(network, scheduler, image, 1, 2)  # warm-up
+            seconds = best_seconds(lambda: official_cimd_loop(network, scheduler, image, n, timed), device, r)
+        official_rate = n / (seconds * 1000 / timed)
+        rows.append((method, f"official loop (1000 steps, batch 1; {timed} timed)", official_rate, "1.0x"))
+    # paper setting through our batched inferer (long chains: timed prefix, extrapolated)
+    timed = min(timed_steps, paper_steps)
+    paper = diffusion_inferer(method, parser, n, timed)
+    with torch.no_grad():
+        paper(image, network, image_ids=["warm"])
+        seconds = best_seconds(lambda: paper(image, network, image_ids=["x"]), device, r) * paper_steps / timed
+    paper_rate = n / seconds
+    note = f"{paper_rate / official_rate:.1f}x vs official" if method == "cimd" and official_rate else ""
+    rows.append((method, f"paper ({paper_steps} steps, batched; {timed} timed)", n / seconds, note))
+    # our fast setting
+    fast = diffusion_inferer(method, make_parser(), n, fast_steps, max_rows)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    with torch.no_grad(), _autocast(device, amp):
+        fast(image, network, image_ids=["warm"])
+        fast_s = best_seconds(lambda: fast(image, network, image_ids=["x"]), device, r)
+        bare_s = bare_forward_time(network, fast, image, n, fast_steps, method, r, max_rows)
+    note = f"{(n / fast_s) / official_rate:.0f}x vs official, " if method == "cimd" and official_rate else ""
+    note += f"{(n / fast_s) / paper_rate:.1f}x vs paper; "
+    note += f"sampler overhead {100 * (fast_s - bare_s) / bare_s:.1f}%"
+    precision = "" if amp is None else f", {str(amp).removeprefix('torch.')} autocast"
+    layout = ", channels-last" if device.type == "cuda" else ""
+    layout += f", {max_rows} rows per call" if max_rows else ""
+    rows.append((method, f"fast ({fast_steps} steps, batched{precision}{layout})", n / fast_s, note))
+    return rows, official_rate
+
+
 def main() -> None:
     args = _parse()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    n, size, r = args.num_samples, args.image_size, args.repeats
+    n, size = args.num_samples, args.image_size
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
           f"threads={torch.get_num_threads()} N={n} size={size} timed_steps={args.timed_steps}")  # fmt: skip
     image = torch.randn(1, 1, size, size, device=device)
-    rows = []
+    amp = None if args.no_amp else amp_dtype(device)
+    max_rows = fast_max_rows(args.cpu_max_rows, device)
+    rows: list[Row] = []
     official_rate = None
     for method in args.methods:
-        torch.manual_seed(0)
-        parser = load_method(method, device)
-        network = parser.get_parsed_content("network").eval()
-        if method in LATENT:
-            inferer = parser.get_parsed_content("validate#inferer", lazy=False)
-            one = type(inferer)(num_samples=1, seed=0)
-            batched = type(inferer)(num_samples=n, seed=0)
-            with torch.no_grad():
-                batched(image, network, image_ids=["warm"])
-                paper_s = best_seconds(lambda: [one(image, network, image_ids=[f"s{i}"]) for i in range(n)], device, r)
-                fast_s = best_seconds(lambda: batched(image, network, image_ids=["x"]), device, r)
-            rows.append((method, "paper (1 mask per call)", n / paper_s, ""))
-            rows.append((method, "fast (N masks in 1 call)", n / fast_s, f"{paper_s / fast_s:.1f}x vs paper"))
-            continue
-        paper_steps, fast_steps = DIFFUSION_STEPS[method]
-        if method == "cimd":
-            scheduler = parser.get_parsed_content("sampling_scheduler")
-            timed = min(args.timed_steps, 1000)
-            with torch.no_grad():
-                official_cimd_loop(network, scheduler, image, 1, 2)  # warm-up
-                seconds = best_seconds(lambda: official_cimd_loop(network, scheduler, image, n, timed), device, r)
-            official_rate = n / (seconds * 1000 / timed)
-            rows.append((method, f"official loop (1000 steps, batch 1; {timed} timed)", official_rate, "1.0x"))
-        # paper setting through our batched inferer (long chains: timed prefix, extrapolated)
-        timed = min(args.timed_steps, paper_steps)
-        paper = _diffusion_inferer(method, parser, n, timed)
-        with torch.no_grad():
-            paper(image, network, image_ids=["warm"])
-            seconds = best_seconds(lambda: paper(image, network, image_ids=["x"]), device, r) * paper_steps / timed
-        paper_rate = n / seconds
-        note = f"{paper_rate / official_rate:.1f}x vs official" if method == "cimd" else ""
-        rows.append((method, f"paper ({paper_steps} steps, batched; {timed} timed)", n / seconds, note))
-        # our fast setting
-        max_rows = fast_max_rows(args.cpu_max_rows, device)
-        fast = _diffusion_inferer(method, load_method(method, device), n, fast_steps, max_rows)
-        if device.type == "cuda":
-            network = network.to(memory_format=torch.channels_last)
-        amp = None if args.no_amp else amp_dtype(device)
-        with torch.no_grad(), _autocast(device, amp):
-            fast(image, network, image_ids=["warm"])
-            fast_s = best_seconds(lambda: fast(image, network, image_ids=["x"]), device, r)
-            bare_s = bare_forward_time(network, fast, image, n, fast_steps, method, r, max_rows)
-        note = f"{(n / fast_s) / official_rate:.0f}x vs official, " if method == "cimd" else ""
-        note += f"{(n / fast_s) / paper_rate:.1f}x vs paper; "
-        note += f"sampler overhead {100 * (fast_s - bare_s) / bare_s:.1f}%"
-        precision = "" if amp is None else f", {str(amp).removeprefix('torch.')} autocast"
-        layout = ", channels-last" if device.type == "cuda" else ""
-        layout += f", {max_rows} rows per call" if max_rows else ""
-        rows.append((method, f"fast ({fast_steps} steps, batched{precision}{layout})", n / fast_s, note))
+        method_result, official_rate = method_rows(
+            method, partial(load_method, method, device), image, n, args.timed_steps, args.repeats, amp, max_rows,
+            official_rate,
+        )  # fmt: skip
+        rows += method_result
     print_table(("method", "setting", "masks/s", "ratio"), ((m, s, f"{rate:.3g}", n) for m, s, rate, n in rows))
 
 

@@ -20,7 +20,9 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Events
@@ -31,8 +33,10 @@ from ambiseg_monai.data.demo import ensure_demo_dataset
 
 try:
     from benchmarks._common import print_table
+    from benchmarks.timing import synchronize
 except ImportError:  # run as a script: this folder is sys.path[0]
     from _common import print_table
+    from timing import synchronize
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 METHODS = ("cimd", "ambdiffseg", "consensus_diffusion", "prob_unet", "phiseg", "ssn")
@@ -54,20 +58,35 @@ def _settings(device: torch.device) -> list[tuple[str, bool, bool]]:
     return base + ([("AMP", True, False), ("AMP+CL", True, True)] if device.type == "cuda" else [])
 
 
-def _parser(method: str, dataset_dir: str, output_dir: str, epochs: int, amp: bool) -> ConfigParser:
+def trainer_parser(
+    method: str, dataset_dir: str, output_dir: str, epochs: int, amp: bool,
+    overlays: Sequence[str] = (), overrides: Mapping[str, Any] | None = None,
+) -> ConfigParser:  # fmt: skip
+    """The bundle's ``train.json`` (then ``overlays``, e.g. ``lidc.json``, and ``overrides``) on ``dataset_dir``,
+    with no training handlers."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / method / "configs" / "train.json"))
+    configs = BUNDLES / method / "configs"
+    parser.read_config([str(configs / "train.json"), *(str(configs / name) for name in overlays)])
     parser.update({"dataset_dir": dataset_dir, "demo_dir": dataset_dir, "output_dir": output_dir,
-                   "max_epochs": epochs, "amp": amp})  # fmt: skip
+                   "max_epochs": epochs, "amp": amp, **(overrides or {})})  # fmt: skip
     resolve_macros(parser, BUNDLES.parent)  # the pieces from bundles/common, to edit them by path below
     parser["train#trainer#train_handlers"] = []
     return parser
 
 
-def iterations_per_second(trainer) -> float:
-    """Run the trainer; iterations/s over every epoch after the first (warm-up)."""
+def iterations_per_second(trainer, device: torch.device | None = None) -> float:
+    """Run the trainer; iterations/s over every epoch after the first (warm-up).
+
+    ``device``: a CUDA device's queued work is waited for at each epoch's end (see :func:`timing.synchronize`).
+    """
     marks: list[float] = []
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: marks.append(time.perf_counter()))
+
+    def mark(_) -> None:
+        if device is not None:
+            synchronize(device)
+        marks.append(time.perf_counter())
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, mark)
     trainer.run()
     per_epoch = trainer.state.epoch_length
     return per_epoch * (len(marks) - 1) / (marks[-1] - marks[0])
@@ -96,17 +115,18 @@ def main() -> None:
         for method in args.methods:
             for name, amp, channels_last in _settings(device):
                 torch.manual_seed(0)
-                parser = _parser(method, dataset_dir, f"{tmp}/{method}", args.epochs, amp)
+                parser = trainer_parser(method, dataset_dir, f"{tmp}/{method}", args.epochs, amp)
                 network = parser.get_parsed_content("network")
                 # the bundles move the network to channels-last on CUDA; undo/apply it per setting
                 network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
                 trainer = parser.get_parsed_content("train#trainer")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                rate = iterations_per_second(trainer)
+                rate = iterations_per_second(trainer, device)
                 peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
                 rows.append((method, name, rate, peak))
-                print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", file=sys.stderr, flush=True)  # progress; the table goes to stdout
+                # progress; the table goes to stdout
+                print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", file=sys.stderr, flush=True)
             loader = parser.get_parsed_content("train#dataloader")
             batches = trainer.state.epoch_length * (args.epochs - 1)
             loader_rate = loader_batches_per_second(loader, batches)
