@@ -12,6 +12,10 @@ HERE = Path(__file__).parent
 # skip without it; .ci/run runs them in a second environment with `.[test,deploy]`.
 DEPLOY_REQUIRES = ["monai-deploy-app-sdk>=4.0,<5", "highdicom>=0.28.2"]
 
+# CPU inference engines of the N-sample diffusion inferer (engine="onnxruntime" / "openvino"; onnx for
+# the export); pinned as ambiseg_monai.inferers.cpu_engine.ENGINE_PACKAGES names them in its error message
+CPU_ENGINES_REQUIRES = ["onnxruntime==1.32.0", "onnx==1.23.2", "openvino==2026.4.1"]
+
 TEST_REQUIRES = [
     "pytest>=8.0",
     "pytest-timeout>=2.3",
@@ -68,6 +72,7 @@ setup(
         "dev": [*TEST_REQUIRES, "pre-commit>=3.5"],
         # the series selector subclass relies on SDK 4.x internals, hence the upper bound
         "deploy": DEPLOY_REQUIRES,
+        "cpu-engines": CPU_ENGINES_REQUIRES,
     },
     entry_points={"console_scripts": ["ambiseg=ambiseg_monai.cli:main"]},
     classifiers=[

@@ -16,6 +16,11 @@ Masks per second for N = 16 samples of one image (default 128 x 128), with each 
   the CPU has native bfloat16, e.g. AVX512-BF16 or AMX; ``--no-amp`` turns it off).
   The scheduler arithmetic stays float32.
 
+``--engines onnxruntime openvino`` adds, per diffusion method, the fast setting with the denoiser calls in
+that CPU inference engine (the inferer's ``engine`` option; onnxruntime float32, openvino bfloat16 where
+the fast setting uses bf16 autocast, else float32), with its ratio to the official loop and to the
+PyTorch fast setting.
+
 Long chains are timed on their first ``--timed-steps`` steps and extrapolated linearly (every step
 of a chain costs the same: one network call plus one scheduler step); the printout says so.
 ``sampler overhead`` is the fast setting's time beyond the same number of bare network forward
@@ -23,6 +28,7 @@ passes on the same batch (the goal is < 10 %).
 
     python benchmarks/sampling_methods.py                       # CPU default: 10 timed steps
     python benchmarks/sampling_methods.py --timed-steps 1000    # full chains (GPU)
+    python benchmarks/sampling_methods.py --methods cimd --threads 1 --engines onnxruntime openvino
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from ambiseg_monai.diffusion.sampler import repeat_rows, take_rows
+from ambiseg_monai.inferers.cpu_engine import ENGINES
 
 try:
     from benchmarks._common import print_table
@@ -65,6 +72,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--no-amp", action="store_true", help="fast setting in float32")
     parser.add_argument("--cpu-max-rows", type=int, default=4,
                         help="fast setting on a CPU: masks per network call (0: all N; GPUs always use all N)")
+    parser.add_argument("--engines", nargs="+", default=[], choices=[e for e in ENGINES if e != "torch"],
+                        help="also time the fast setting in these CPU inference engines (the inferer's engine option)")
     return parser.parse_args()
 
 
@@ -110,9 +119,22 @@ def official_cimd_loop(network, scheduler, image: torch.Tensor, num_samples: int
             x, _ = scheduler.step(out, t, x, noise=torch.randn_like(x))
 
 
-def diffusion_inferer(method: str, parser: ConfigParser, num_samples: int, steps: int, max_rows: int | None = None):
+def diffusion_inferer(
+    method: str,
+    parser: ConfigParser,
+    num_samples: int,
+    steps: int,
+    max_rows: int | None = None,
+    engine: str = "torch",
+    autocast_dtype: str | None = None,
+):
     """The method's N-sample inferer read from ``parser`` (edited): ``num_samples`` masks per image in ``steps`` steps,
-    ``max_rows`` masks per network call (None: all). Called as ``inferer(image 1 x C x H x W, network)``."""
+    ``max_rows`` masks per network call (None: all), the denoiser calls in ``engine`` (a CPU inference engine runs
+    at ``autocast_dtype``). Called as ``inferer(image 1 x C x H x W, network)``."""
+    inferer_id = "consensus_inferer" if method == "consensus_diffusion" else "validate#inferer"
+    if engine != "torch":
+        parser[f"{inferer_id}#engine"] = engine
+        parser[f"{inferer_id}#autocast_dtype"] = autocast_dtype
     if method == "consensus_diffusion":
         parser["consensus_inferer#num_generations"] = max(1, num_samples // 4)
         parser["consensus_inferer#num_inference_steps"] = steps
@@ -174,6 +196,7 @@ def method_rows(
     amp: torch.dtype | None,
     max_rows: int | None,
     official_rate: float | None = None,
+    engines: Sequence[str] = (),
 ) -> tuple[list[Row], float | None]:
     """The rows of one method: official loop (CIMD), paper setting, fast setting (see the module docstring).
 
@@ -187,6 +210,7 @@ def method_rows(
         amp: the fast setting's autocast dtype (None: float32).
         max_rows: the fast setting's masks per network call (None: all N).
         official_rate: masks/s of the official CIMD loop, for the ratio notes (measured here for ``cimd``).
+        engines: CPU inference engines ("onnxruntime", "openvino") whose fast setting is timed too (CPU only).
 
     Returns:
         the rows and the official loop's masks/s (``official_rate`` unless ``method`` is CIMD).
@@ -240,6 +264,17 @@ def method_rows(
     layout = ", channels-last" if device.type == "cuda" else ""
     layout += f", {max_rows} rows per call" if max_rows else ""
     rows.append((method, f"fast ({fast_steps} steps, batched{precision}{layout})", n / fast_s, note))
+    for engine in engines if device.type == "cpu" else ():
+        # openvino runs bf16 where the PyTorch fast setting does; onnxruntime's CPU kernels are float32
+        engine_dtype = "bfloat16" if engine == "openvino" and amp == torch.bfloat16 else None
+        fast_engine = diffusion_inferer(method, make_parser(), n, fast_steps, max_rows, engine, engine_dtype)
+        with torch.no_grad():
+            fast_engine(image, network, image_ids=["warm"])  # the ONNX export and the engine's set-up
+            engine_s = best_seconds(lambda: fast_engine(image, network, image_ids=["x"]), device, r)
+        note = f"{(n / engine_s) / official_rate:.0f}x vs official, " if method == "cimd" and official_rate else ""
+        note += f"{fast_s / engine_s:.2f}x vs PyTorch fast"
+        setting = f"fast ({fast_steps} steps, {engine} {engine_dtype or 'float32'}{layout})"
+        rows.append((method, setting, n / engine_s, note))
     return rows, official_rate
 
 
@@ -258,7 +293,7 @@ def main() -> None:
     for method in args.methods:
         method_result, official_rate = method_rows(
             method, partial(load_method, method, device), image, n, args.timed_steps, args.repeats, amp, max_rows,
-            official_rate,
+            official_rate, args.engines,
         )  # fmt: skip
         rows += method_result
     print_table(("method", "setting", "masks/s", "ratio"), ((m, s, f"{rate:.3g}", n) for m, s, rate, n in rows))

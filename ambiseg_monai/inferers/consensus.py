@@ -36,7 +36,7 @@ class ConsensusSamplingInferer(DiffusionSamplingInferer):
             (``(x_0 + 1) / 2`` clamped to [0, 1]: what the authors' code averages, and what the
             "soft label" ablation must use since it regresses a soft map).
         return_samples: include the B x C x G x H x W ``"samples"`` (needed by the generation curve).
-        num_inference_steps, seed, mask_channels, threshold, max_rows, progress, autocast_dtype: as in
+        num_inference_steps, seed, mask_channels, threshold, max_rows, progress, autocast_dtype, engine: as in
             :class:`~ambiseg_monai.inferers.DiffusionSamplingInferer` (``max_rows`` counts B x C x G masks).
 
     ``__call__(inputs, network, image_ids=None)``: ``inputs`` B x C_img x H x W; ``image_ids`` B case ids
@@ -62,6 +62,7 @@ class ConsensusSamplingInferer(DiffusionSamplingInferer):
         return_samples: bool = True,
         progress: bool = False,
         autocast_dtype: str | None = None,
+        engine: str = "torch",
     ) -> None:
         combine = CombineConsensusSamples(num_levels, majority_vote, return_samples)
         if int(num_generations) < 1:
@@ -76,6 +77,7 @@ class ConsensusSamplingInferer(DiffusionSamplingInferer):
             max_rows=max_rows,
             progress=progress,
             autocast_dtype=autocast_dtype,
+            engine=engine,
             sample_labels=consensus_sample_labels(num_levels, num_generations) if conditioned else None,
             sample_values=sample_values,
             postprocess=combine,

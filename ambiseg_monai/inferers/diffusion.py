@@ -41,6 +41,7 @@ from ambiseg_monai.diffusion.sampler import (
     take_rows,
 )
 from ambiseg_monai.diffusion.weighting import LossWeighting
+from ambiseg_monai.inferers.cpu_engine import ENGINES, CPUEngineDenoiser, require_engine
 from ambiseg_monai.losses.diffusion import vlb_term
 from ambiseg_monai.networks.denoisers import unwrap_network
 from ambiseg_monai.schedulers.respaced import split_model_output
@@ -289,6 +290,12 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
             to [0, 1], for models that regress a soft map).
         postprocess: called on the B x N x H x W samples; its result is what the inferer returns (e.g.
             :class:`~ambiseg_monai.transforms.consensus.CombineConsensusSamples`). Not with ``return_stats``.
+        engine: where the denoiser calls run: ``"torch"`` (the network itself), or, on a CPU,
+            ``"onnxruntime"`` / ``"openvino"``: the network exported to ONNX on first use and run there
+            (:class:`~ambiseg_monai.inferers.cpu_engine.CPUEngineDenoiser`; optional packages:
+            ``pip install 'ambiseg-monai[cpu-engines]'``). ``encode_condition`` and the scheduler stay in
+            PyTorch. ``autocast_dtype`` then means the engine's precision: onnxruntime runs float32 only,
+            openvino float32 or ``"bfloat16"``.
 
     ``__call__`` keyword arguments: ``image_ids`` (B case ids or dataset positions; default: a running
     count of the images this inferer has seen, see :meth:`reset_counter`), ``class_labels`` (B,).
@@ -309,8 +316,11 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         sample_labels: Sequence[int] | None = None,
         sample_values: str = "binary",
         postprocess: Callable[[torch.Tensor], Any] | None = None,
+        engine: str = "torch",
     ) -> None:
         super().__init__()
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if max_rows is not None and int(max_rows) < 1:
@@ -338,6 +348,25 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         self.sample_labels = sample_labels
         self.sample_values = sample_values
         self.postprocess = postprocess
+        self.engine = engine
+        self._engine_network: CPUEngineDenoiser | None = None
+        if engine != "torch":
+            allowed = (None, torch.bfloat16) if engine == "openvino" else (None,)
+            if self.autocast_dtype not in allowed:
+                raise ValueError(
+                    f"engine={engine!r} runs float32{' or bfloat16' if engine == 'openvino' else ''}; "
+                    f"got autocast_dtype={autocast_dtype!r}."
+                )
+            require_engine(engine)  # a missing package fails here, not at the first image
+
+    def _network_for_engine(self, network: torch.nn.Module) -> torch.nn.Module:
+        """The network the sampling loop calls: ``network`` itself, or its engine wrapper (one per network)."""
+        if self.engine == "torch":
+            return network
+        if self._engine_network is None or self._engine_network.network is not unwrap_network(network):
+            precision = "bfloat16" if self.autocast_dtype == torch.bfloat16 else "float32"
+            self._engine_network = CPUEngineDenoiser(network, self.engine, precision)
+        return self._engine_network
 
     def _row_labels(self, batch: int, class_labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         """The (B N,) class labels of the rows (image-major), or None."""
@@ -374,6 +403,7 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
         batch, n = inputs.shape[0], self.num_samples
         keys = self._image_keys(batch, image_ids)
         generators = make_generators(self.seed, keys, n)  # row b * N + n: sample n of image b
+        network = self._network_for_engine(network)
         cond = unwrap_network(network).encode_condition(inputs)  # once per image, reused at every step
         row_labels = self._row_labels(batch, class_labels, inputs.device)
         image_of_row = torch.arange(batch, device=inputs.device).repeat_interleave(n)
@@ -394,7 +424,7 @@ class DiffusionSamplingInferer(PerImageSeedingInferer):
                 class_labels=take_rows(row_labels, part),
                 progress=self.progress,
                 reference=reference,
-                autocast_dtype=self.autocast_dtype,
+                autocast_dtype=self.autocast_dtype if self.engine == "torch" else None,
             )
             pieces.append(self._to_values(x0))
         samples = torch.cat(pieces).reshape(batch, n, *inputs.shape[2:])
