@@ -50,12 +50,12 @@ try:
     from benchmarks import preprocessing as lidc_bench
     from benchmarks._common import print_table
     from benchmarks.hardware_limit import count_flops
-    from benchmarks.sampling_methods import DIFFUSION_STEPS, _autocast, _diffusion_inferer, amp_dtype, load_method
+    from benchmarks.sampling_methods import DIFFUSION_STEPS, _autocast, diffusion_inferer, amp_dtype, load_method
     from benchmarks.timing import best_wall_and_cpu_seconds
 except ImportError:  # run as a script: this folder is sys.path[0]
     from _common import print_table
     from hardware_limit import count_flops
-    from sampling_methods import DIFFUSION_STEPS, _autocast, _diffusion_inferer, amp_dtype, load_method
+    from sampling_methods import DIFFUSION_STEPS, _autocast, diffusion_inferer, amp_dtype, load_method
     from timing import best_wall_and_cpu_seconds
 
     import preprocessing as lidc_bench
@@ -112,7 +112,7 @@ def _cimd_network() -> torch.nn.Module:
 
 def sampler_seconds(network, size: int, n: int, steps: int, max_rows: int | None, amp, repeats: int):
     """(CPU s, wall s) of one fast-setting chain of ``steps`` respaced steps for ``n`` masks of one image."""
-    inferer = _diffusion_inferer("cimd", load_method("cimd", CPU), n, steps, max_rows)
+    inferer = diffusion_inferer("cimd", load_method("cimd", CPU), n, steps, max_rows)
     image = torch.randn(1, 1, size, size)
     with torch.no_grad(), _autocast(CPU, amp):
         wall, cpu = best_wall_and_cpu_seconds(lambda: inferer(image, network, image_ids=["x"]), CPU, repeats, True)

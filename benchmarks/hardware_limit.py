@@ -51,11 +51,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 try:
     from benchmarks._common import print_table
-    from benchmarks.sampling_methods import DIFFUSION_STEPS, _autocast, _diffusion_inferer, amp_dtype, load_method
+    from benchmarks.sampling_methods import DIFFUSION_STEPS, _autocast, diffusion_inferer, amp_dtype, load_method
     from benchmarks.timing import best_wall_and_cpu_seconds
 except ImportError:  # run as a script: this folder is sys.path[0]
     from _common import print_table
-    from sampling_methods import DIFFUSION_STEPS, _autocast, _diffusion_inferer, amp_dtype, load_method
+    from sampling_methods import DIFFUSION_STEPS, _autocast, diffusion_inferer, amp_dtype, load_method
     from timing import best_wall_and_cpu_seconds
 
 FAST_STEPS = DIFFUSION_STEPS["cimd"][1]
@@ -253,7 +253,7 @@ def network_call(network, image: torch.Tensor, rows: int, amp: torch.dtype | Non
 def fast_sampler(network, image: torch.Tensor, rows: int, timed_steps: int, amp, repeats: int) -> Workload:
     """The fast setting's inferer (N = ``rows`` masks, one call per step) on a ``timed_steps`` chain."""
     device = image.device
-    inferer = _diffusion_inferer("cimd", load_method("cimd", device), rows, timed_steps, rows)
+    inferer = diffusion_inferer("cimd", load_method("cimd", device), rows, timed_steps, rows)
     with torch.no_grad(), _autocast(device, amp):
         flops, by_op = count_flops(lambda: inferer(image, network, image_ids=["count"]))
         wall, cpu = best_wall_and_cpu_seconds(lambda: inferer(image, network, image_ids=["x"]), device, repeats, True)
