@@ -1,10 +1,8 @@
-"""Shared by the benchmark scripts: the Markdown tables they print to stdout, the working directory."""
+"""Shared by the benchmark scripts: the Markdown tables they print to stdout."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
@@ -16,14 +14,3 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> lis
 def print_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Print a Markdown table (see :func:`format_table`)."""
     print("\n".join(format_table(header, rows)))
-
-
-@contextlib.contextmanager
-def working_directory(path: str | os.PathLike) -> Iterator[None]:
-    """Run the block in ``path`` (the bundles read ``%bundles/common/...`` relative to the working directory)."""
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)

@@ -51,16 +51,17 @@ from typing import Any
 
 import torch
 
+from ambiseg_monai.bundle.config import working_directory
 from ambiseg_monai.data.demo import ensure_demo_dataset
 
 try:
     from benchmarks import sampling_methods, training
-    from benchmarks._common import format_table, working_directory
+    from benchmarks._common import format_table
     from benchmarks.timing import best_seconds
 except ImportError:  # run as a script: this folder is sys.path[0]
     import sampling_methods
     import training
-    from _common import format_table, working_directory
+    from _common import format_table
     from timing import best_seconds
 
 REPO = Path(__file__).resolve().parents[1]

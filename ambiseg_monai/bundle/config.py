@@ -57,6 +57,7 @@ __all__ = [
     "merged_config",
     "resolve_file_macros",
     "resolve_macros",
+    "working_directory",
     "write_merged_bundle",
 ]
 
@@ -71,7 +72,8 @@ _REF_PATTERN = re.compile(rf"{REF}(?:\w*)(?:{SEP}\w*)*")  # as monai.bundle.Refe
 
 
 @contextmanager
-def _working_directory(path: str | os.PathLike | None) -> Iterator[None]:
+def working_directory(path: str | os.PathLike | None) -> Iterator[None]:
+    """Run the block in ``path`` (None: where it is); bundle configs read ``%bundles/common/...`` from there."""
     if path is None:
         yield
         return
@@ -208,7 +210,7 @@ def merged_config(
     parser = ConfigParser()
     parser.read_config(files)
     parser.update(dict(overrides or {}))
-    with _working_directory(root_abs):
+    with working_directory(root_abs):
         parser.resolve_macro_and_relative_ids()
     config = dict(parser.get())
     config.pop("_meta_", None)
@@ -221,7 +223,7 @@ def resolve_macros(parser: Any, root: str | os.PathLike | None = None) -> Any:
 
     For code that reads or edits a bundle config by path (``parser["train#handlers"]``) before running it:
     until MONAI parses, an id the bundle takes from ``bundles/common`` holds its macro string."""
-    with _working_directory(None if root is None else Path(root).resolve()):
+    with working_directory(None if root is None else Path(root).resolve()):
         parser.resolve_macro_and_relative_ids()
     return parser
 
