@@ -51,3 +51,12 @@ def test_import_monai_does_not_import_holoscan():
         pytest.skip("the deploy extra is installed in this environment (the deploy environment of .ci/run)")
     assert result.stdout.split() == ["False", "False"]
     assert "Warning" not in result.stderr, result.stderr
+
+
+def test_ci_runs_the_cpu_engine_tests_with_their_extra():
+    """The engine tests skip without the optional cpu-engines extra; CI installs it and runs them."""
+    ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert (
+        'pip install --quiet torch==2.13.0 -e ".[cpu-engines]" && python -m pytest -q tests/test_cpu_engine.py'
+        in ci_script
+    )
