@@ -19,16 +19,7 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int, w
 
     ``warmup`` makes one untimed call first (allocator, kernel selection).
     """
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_wall_and_cpu_seconds(fn, device, repeats, warmup)[0]
 
 
 def best_wall_and_cpu_seconds(
