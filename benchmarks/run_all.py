@@ -26,8 +26,9 @@ HERE = Path(__file__).resolve().parent
 SUITE = {
     "sampling": (["--image-size", "64", "--images", "2", "--threads", "1"],
                  ["--image-size", "128", "--steps", "25", "--images", "4"]),
-    "sampling_methods": (["--image-size", "64", "--timed-steps", "5", "--repeats", "2", "--threads", "1"],
-                         ["--timed-steps", "1000"]),
+    "sampling_methods": (["--image-size", "64", "--timed-steps", "5", "--repeats", "2", "--threads", "1",
+                          "--flow-steps", "5"],
+                         ["--timed-steps", "1000", "--flow-steps", "5"]),
     "sampler_overhead": (["--image-size", "64", "--repeats", "3", "--threads", "1"], ["--repeats", "10"]),
     "training": (["--epochs", "3", "--threads", "1"], ["--image-size", "128", "--epochs", "5"]),
     "metrics": ([], []),

@@ -21,6 +21,12 @@ that CPU inference engine (the inferer's ``engine`` option; onnxruntime float32,
 the fast setting uses bf16 autocast, else float32), with its ratio to the official loop and to the
 PyTorch fast setting.
 
+``--flow-steps 5 10`` adds, per method with a ``flow_matching.json`` overlay (CIMD, AmbDiffSeg), the fast
+setting of the flow-matching bundle (the same U-Net without the variance output, trained as a rectified
+flow) with that many Euler steps, in PyTorch and in each ``--engines`` engine: fewer steps rather than
+faster steps. Whether K steps lose quality is measured on the demo truth, not here
+(docs/flow_matching.md: a flow-matching CIMD is as good with 5 Euler steps as with 50).
+
 Long chains are timed on their first ``--timed-steps`` steps and extrapolated linearly (every step
 of a chain costs the same: one network call plus one scheduler step); the printout says so.
 ``sampler overhead`` is the fast setting's time beyond the same number of bare network forward
@@ -29,6 +35,7 @@ passes on the same batch (the goal is < 10 %).
     python benchmarks/sampling_methods.py                       # CPU default: 10 timed steps
     python benchmarks/sampling_methods.py --timed-steps 1000    # full chains (GPU)
     python benchmarks/sampling_methods.py --methods cimd --threads 1 --engines onnxruntime openvino
+    python benchmarks/sampling_methods.py --methods cimd --threads 1 --engines openvino --flow-steps 5 10
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # (paper steps, fast steps) per diffusion method
 DIFFUSION_STEPS = {"cimd": (1000, 25), "ambdiffseg": (10, 10), "consensus_diffusion": (1000, 20)}
 LATENT = ("prob_unet", "phiseg", "ssn")
+FLOW_OVERLAY = "flow_matching.json"  # the flow-matching variant of a diffusion bundle (issue #20)
 METHODS = (*DIFFUSION_STEPS, *LATENT)
 
 
@@ -74,6 +82,8 @@ def _parse() -> argparse.Namespace:
                         help="fast setting on a CPU: masks per network call (0: all N; GPUs always use all N)")
     parser.add_argument("--engines", nargs="+", default=[], choices=[e for e in ENGINES if e != "torch"],
                         help="also time the fast setting in these CPU inference engines (the inferer's engine option)")
+    parser.add_argument("--flow-steps", nargs="+", type=int, default=[], metavar="K",
+                        help="also time the fast setting of the method's flow-matching bundle with K Euler steps")
     return parser.parse_args()
 
 
@@ -197,12 +207,14 @@ def method_rows(
     max_rows: int | None,
     official_rate: float | None = None,
     engines: Sequence[str] = (),
+    flow_steps: Sequence[int] = (),
 ) -> tuple[list[Row], float | None]:
     """The rows of one method: official loop (CIMD), paper setting, fast setting (see the module docstring).
 
     Args:
         method: a bundle name.
-        make_parser: returns a fresh :func:`load_method` parser of the bundle (the fast setting needs its own).
+        make_parser: returns a fresh :func:`load_method` parser of the bundle (the fast setting needs its own);
+            takes :func:`load_method`'s ``overlays`` keyword (the flow-matching rows).
         image: 1 x C x H x W, on the device to measure on.
         num_samples: N masks per image.
         timed_steps: steps timed per long chain (then extrapolated).
@@ -211,6 +223,8 @@ def method_rows(
         max_rows: the fast setting's masks per network call (None: all N).
         official_rate: masks/s of the official CIMD loop, for the ratio notes (measured here for ``cimd``).
         engines: CPU inference engines ("onnxruntime", "openvino") whose fast setting is timed too (CPU only).
+        flow_steps: Euler step counts at which the fast setting of the method's flow-matching bundle is timed
+            too (in PyTorch and in each engine); methods without a ``flow_matching.json`` overlay ignore it.
 
     Returns:
         the rows and the official loop's masks/s (``official_rate`` unless ``method`` is CIMD).
@@ -264,18 +278,57 @@ def method_rows(
     layout = ", channels-last" if device.type == "cuda" else ""
     layout += f", {max_rows} rows per call" if max_rows else ""
     rows.append((method, f"fast ({fast_steps} steps, batched{precision}{layout})", n / fast_s, note))
-    for engine in engines if device.type == "cpu" else ():
-        # openvino runs bf16 where the PyTorch fast setting does; onnxruntime's CPU kernels are float32
-        engine_dtype = "bfloat16" if engine == "openvino" and amp == torch.bfloat16 else None
-        fast_engine = diffusion_inferer(method, make_parser(), n, fast_steps, max_rows, engine, engine_dtype)
-        with torch.no_grad():
-            fast_engine(image, network, image_ids=["warm"])  # the ONNX export and the engine's set-up
-            engine_s = best_seconds(lambda: fast_engine(image, network, image_ids=["x"]), device, r)
-        note = f"{(n / engine_s) / official_rate:.0f}x vs official, " if method == "cimd" and official_rate else ""
-        note += f"{fast_s / engine_s:.2f}x vs PyTorch fast"
-        setting = f"fast ({fast_steps} steps, {engine} {engine_dtype or 'float32'}{layout})"
-        rows.append((method, setting, n / engine_s, note))
+    cpu_engines = [e for e in engines if device.type == "cpu"]
+    for engine in cpu_engines:
+        note, engine_dtype, rate = _time_variant(method, make_parser, network, image, n, fast_steps, r, amp,
+                                                 max_rows, engine, official_rate, fast_s)  # fmt: skip
+        rows.append((method, f"fast ({fast_steps} steps, {engine} {engine_dtype or 'float32'}{layout})", rate, note))
+    if flow_steps and (BUNDLES / method / "configs" / FLOW_OVERLAY).is_file():
+        make_flow_parser = partial(make_parser, overlays=(FLOW_OVERLAY,))
+        torch.manual_seed(0)
+        flow_network = make_flow_parser().get_parsed_content("network").eval()
+        for steps in flow_steps:
+            for engine in ("torch", *cpu_engines):
+                note, engine_dtype, rate = _time_variant(method, make_flow_parser, flow_network, image, n, steps, r,
+                                                         amp, max_rows, engine, official_rate, fast_s)  # fmt: skip
+                if engine == "torch":
+                    dtype = "" if amp is None else f", {str(amp).removeprefix('torch.')} autocast"
+                else:
+                    dtype = f", {engine} {engine_dtype or 'float32'}"
+                rows.append((method, f"fast, flow matching ({steps} Euler steps{dtype}{layout})", rate, note))
     return rows, official_rate
+
+
+def _time_variant(
+    method: str,
+    make_parser: Callable[[], ConfigParser],
+    network,
+    image: torch.Tensor,
+    num_samples: int,
+    steps: int,
+    repeats: int,
+    amp: torch.dtype | None,
+    max_rows: int | None,
+    engine: str,
+    official_rate: float | None,
+    fast_seconds: float,
+) -> tuple[str, str | None, float]:
+    """Time one more fast-setting variant (``steps`` steps of ``make_parser``'s bundle in ``engine``).
+
+    Returns the ratio note (against the official loop for CIMD and against the PyTorch fast setting's
+    ``fast_seconds``), the engine's dtype (None: float32) and the masks/s.
+    """
+    device, n = image.device, num_samples
+    # openvino runs bf16 where the PyTorch fast setting does; onnxruntime's CPU kernels are float32
+    engine_dtype = "bfloat16" if engine == "openvino" and amp == torch.bfloat16 else None
+    inferer = diffusion_inferer(method, make_parser(), n, steps, max_rows, engine, engine_dtype)
+    autocast = _autocast(device, amp) if engine == "torch" else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        inferer(image, network, image_ids=["warm"])  # an engine's ONNX export and set-up
+        seconds = best_seconds(lambda: inferer(image, network, image_ids=["x"]), device, repeats)
+    note = f"{(n / seconds) / official_rate:.0f}x vs official, " if method == "cimd" and official_rate else ""
+    note += f"{fast_seconds / seconds:.2f}x vs PyTorch fast"
+    return note, engine_dtype if engine != "torch" else None, n / seconds
 
 
 def main() -> None:
@@ -293,7 +346,7 @@ def main() -> None:
     for method in args.methods:
         method_result, official_rate = method_rows(
             method, partial(load_method, method, device), image, n, args.timed_steps, args.repeats, amp, max_rows,
-            official_rate, args.engines,
+            official_rate, args.engines, args.flow_steps,
         )  # fmt: skip
         rows += method_result
     print_table(("method", "setting", "masks/s", "ratio"), ((m, s, f"{rate:.3g}", n) for m, s, rate, n in rows))

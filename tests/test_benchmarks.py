@@ -79,6 +79,26 @@ def test_fast_setting_caps_rows_per_call_on_cpu_only():
     assert fast_max_rows(4, torch.device("cuda")) is None  # a GPU always takes the whole batch
 
 
+def test_sampling_methods_times_the_flow_matching_bundle_at_its_step_counts():
+    from functools import partial
+
+    from benchmarks.sampling_methods import load_method, method_rows
+
+    torch.set_num_threads(1)
+    image = torch.randn(1, 1, 16, 16)
+    rows, official = method_rows("cimd", partial(load_method, "cimd", torch.device("cpu")), image, num_samples=2,
+                                 timed_steps=1, repeats=1, amp=None, max_rows=None, flow_steps=[1, 3])  # fmt: skip
+    settings = [setting for _, setting, _, _ in rows]
+    assert settings[-2:] == ["fast, flow matching (1 Euler steps)", "fast, flow matching (3 Euler steps)"]
+    rates = {setting: rate for _, setting, rate, _ in rows}
+    assert official > 0 and all(rate > 0 for rate in rates.values())
+    assert all("x vs official" in note and "x vs PyTorch fast" in note for _, _, _, note in rows[-2:])
+    # a method without a flow-matching overlay has no such rows
+    latent_rows, _ = method_rows("prob_unet", partial(load_method, "prob_unet", torch.device("cpu")), image, 2, 1, 1,
+                                 None, None, official, flow_steps=[1])  # fmt: skip
+    assert not any("flow" in setting for _, setting, _, _ in latent_rows)
+
+
 def _untrained_model_file(path, method: str = "prob_unet", overlays=()) -> None:
     """A bundle model file of an untrained network of ``method`` (train.json plus ``overlays``), under the
     key its inference.json loads (``{"network" or "ema": state dict}``)."""
