@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ambiseg_monai.networks.ambiguity import AxisAlignedGaussianEncoder, ambiguity_kl
-from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser, ConditionalDenoiser
+from ambiseg_monai.networks.denoisers import ConcatConditionedDenoiser, ConditionalDenoiser, condition_of
 
 __all__ = ["CIMDNetwork"]
 
@@ -56,10 +56,7 @@ class CIMDNetwork(ConditionalDenoiser):
         return self.denoiser.denoise(x_t, timesteps, cond, class_labels)
 
     def forward(self, x_t, timesteps, cond=None, class_labels=None, image=None, target=None):
-        if cond is None:
-            if image is None:
-                raise ValueError("CIMDNetwork needs either `cond` or `image`.")
-            cond = self.encode_condition(image)
+        cond = condition_of(self, cond, image)
         output = self.denoise(x_t, timesteps, cond, class_labels)
         if target is None or self.amn is None or self.acn is None:
             return output

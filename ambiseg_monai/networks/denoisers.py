@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-__all__ = ["ConditionalDenoiser", "ConcatConditionedDenoiser", "diffusion_unet", "unwrap_network"]
+__all__ = ["ConditionalDenoiser", "ConcatConditionedDenoiser", "diffusion_unet", "unwrap_network", "condition_of"]
 
 
 def diffusion_unet(
@@ -61,6 +61,19 @@ def unwrap_network(network: torch.nn.Module) -> Any:
     return network
 
 
+def condition_of(network: Any, cond: Any, image: torch.Tensor | None) -> Any:
+    """The ``cond`` a protocol ``forward`` was given, else ``network.encode_condition(image)`` (B x C_img x H x W).
+
+    The one implementation of the protocol's ``cond=None, image=...`` rule, shared by every denoiser
+    ``forward`` and the wrappers that restore the protocol (the deploy app's exported model, the CPU engines).
+    """
+    if cond is not None:
+        return cond
+    if image is None:
+        raise ValueError(f"{type(network).__name__} needs either `cond` or `image`.")
+    return network.encode_condition(image)
+
+
 class ConditionalDenoiser(torch.nn.Module):
     """Base class of the protocol above; subclasses implement :meth:`denoise`."""
 
@@ -81,11 +94,7 @@ class ConditionalDenoiser(torch.nn.Module):
         image: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
     ):
-        if cond is None:
-            if image is None:
-                raise ValueError("a conditional denoiser needs either `cond` or `image`.")
-            cond = self.encode_condition(image)
-        return self.denoise(x_t, timesteps, cond, class_labels)
+        return self.denoise(x_t, timesteps, condition_of(self, cond, image), class_labels)
 
 
 class ConcatConditionedDenoiser(ConditionalDenoiser):
