@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from monai.data import load_net_with_metadata
 
+from ambiseg_monai.networks.denoisers import condition_of
+
 __all__ = [
     "EXPORT_KEY",
     "EXPORT_FORMAT_VERSION",
@@ -71,6 +73,31 @@ class ExportedDenoiser(torch.nn.Module):
         """B x C x H x W image -> the condition (a tensor or a tuple of tensors)."""
         return self.traced.encode_condition(image)
 
+    def traced_inputs(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Any = None,
+        class_labels: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> tuple[Any, ...]:
+        """The protocol's arguments -> the traced ``forward``'s positional ``(x_t, timesteps, cond[, class_labels])``.
+
+        :class:`~ambiseg_monai.inferers.cpu_engine.CPUEngineDenoiser` feeds the same inputs to ``traced``
+        exported to ONNX, so both paths check class labels here.
+        """
+        cond = condition_of(self, cond, image)
+        if self.uses_class_labels:
+            if class_labels is None:
+                raise ValueError(
+                    "this exported model was traced with class labels (e.g. a consensus level or rater id); "
+                    "pass class_labels (B,) to the inferer."
+                )
+            return x_t, timesteps, cond, class_labels.to(device=x_t.device, dtype=torch.long)
+        if class_labels is not None:
+            raise ValueError("this exported model was traced without class labels; do not pass class_labels.")
+        return x_t, timesteps, cond
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -81,20 +108,7 @@ class ExportedDenoiser(torch.nn.Module):
         target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t B x C x H x W, timesteps (B,) -> B x C_out x H x W (``target`` is ignored: no training losses)."""
-        if cond is None:
-            if image is None:
-                raise ValueError("the exported denoiser needs either `cond` or `image`.")
-            cond = self.encode_condition(image)
-        if self.uses_class_labels:
-            if class_labels is None:
-                raise ValueError(
-                    "this exported model was traced with class labels (e.g. a consensus level or rater id); "
-                    "pass class_labels (B,) to the inferer."
-                )
-            return self.traced(x_t, timesteps, cond, class_labels.to(device=x_t.device, dtype=torch.long))
-        if class_labels is not None:
-            raise ValueError("this exported model was traced without class labels; do not pass class_labels.")
-        return self.traced(x_t, timesteps, cond)
+        return self.traced(*self.traced_inputs(x_t, timesteps, cond, class_labels, image))
 
 
 class ExportedLatentModel(torch.nn.Module):

@@ -1,7 +1,7 @@
 """CPU inference engines for the N-sample diffusion inferer: the denoiser exported to ONNX and run there.
 
 :class:`CPUEngineDenoiser` wraps a conditional denoiser (the protocol of
-:mod:`ambiseg_monai.networks.denoisers`, or the deploy app's
+:mod:`ambiseg_monai.networks.denoisers`, or a TorchScript one such as the deploy app's
 :class:`~ambiseg_monai.deploy.exported.ExportedDenoiser`) behind the same protocol:
 ``encode_condition(image)`` stays in PyTorch (it runs once per image), while every denoiser call
 ``network(x_t, timesteps, cond=..., class_labels=...)`` of the sampling loop runs in the engine:
@@ -12,7 +12,9 @@
 
 The denoiser is exported on first use with ``torch.onnx.export(..., dynamo=False)`` (a trace; MONAI's
 ``DiffusionModelUNet`` cannot be scripted) with the rows, height and width as dynamic axes, one
-export per call signature (timestep dtype, with or without class labels). A change of the wrapped
+export per call signature (timestep dtype, with or without class labels). A TorchScript denoiser
+(``traced`` and ``traced_inputs``, see :class:`CPUEngineDenoiser`) has its TorchScript module
+exported as it is: a loaded TorchScript module cannot be called inside a new trace. A change of the wrapped
 network's weights (a new checkpoint loaded, an EMA update) is detected through the parameters'
 in-place version counters and triggers a new export. Both engines use ``torch.get_num_threads()``
 threads, read when the export is made.
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ambiseg_monai.networks.denoisers import unwrap_network
+from ambiseg_monai.networks.denoisers import condition_of, unwrap_network
 
 __all__ = ["ENGINES", "ENGINE_PACKAGES", "CPUEngineDenoiser", "require_engine"]
 
@@ -98,7 +100,11 @@ class CPUEngineDenoiser(torch.nn.Module):
     Args:
         network: the PyTorch denoiser (``encode_condition(image)`` and
             ``network(x_t, timesteps, cond=..., class_labels=...) -> rows x C_out x H x W``); DDP /
-            DataParallel wrappers are looked through. Its condition must be one tensor.
+            DataParallel wrappers are looked through. Its condition must be one tensor. A TorchScript
+            denoiser (the deploy app's :class:`~ambiseg_monai.deploy.exported.ExportedDenoiser`) has a
+            ``traced`` ``torch.jit.ScriptModule`` with ``forward(x_t, timesteps, cond[, class_labels])``
+            and ``traced_inputs(x_t, timesteps, cond, class_labels, image)`` giving those positional
+            inputs; ``traced`` is what is exported then.
         engine: ``"onnxruntime"`` or ``"openvino"``.
         precision: ``"float32"``, or ``"bfloat16"`` (OpenVINO only: its bf16 inference precision).
 
@@ -114,6 +120,8 @@ class CPUEngineDenoiser(torch.nn.Module):
         if precision == "bfloat16" and engine != "openvino":
             raise ValueError(f"engine={engine!r} runs float32 only; bfloat16 is available with engine='openvino'.")
         self.network = unwrap_network(network)
+        # a TorchScript denoiser is exported as it is (it cannot be traced again inside _Signature)
+        self.scripted = isinstance(getattr(self.network, "traced", None), torch.jit.ScriptModule)
         self.engine = engine
         self.precision = precision
         self._sessions: dict[tuple, Any] = {}
@@ -144,8 +152,10 @@ class CPUEngineDenoiser(torch.nn.Module):
                 # which only read channel counts (constants of the network)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # a TorchScript module's positional inputs need no keyword matching (which it cannot do)
+                warnings.filterwarnings("ignore", "no signature found for", UserWarning)
                 torch.onnx.export(
-                    _Signature(self.network, bool(labels)).eval(),
+                    self.network.traced if self.scripted else _Signature(self.network, bool(labels)).eval(),
                     inputs,
                     path,
                     dynamo=False,
@@ -189,10 +199,11 @@ class CPUEngineDenoiser(torch.nn.Module):
         The output is float32 (x_t must be on the CPU, where the engines run). ``target`` is ignored
         (no training losses at sampling time).
         """
-        if cond is None:
-            if image is None:
-                raise ValueError("the denoiser needs either `cond` or `image`.")
-            cond = self.encode_condition(image)
+        if self.scripted:  # its own checks (class labels as traced) and positional inputs
+            x_t, timesteps, cond, *labels = self.network.traced_inputs(x_t, timesteps, cond, class_labels, image)
+        else:
+            cond = condition_of(self, cond, image)
+            labels = [] if class_labels is None else [class_labels.to(dtype=torch.long)]
         if x_t.device.type != "cpu":
             raise ValueError(f"engine={self.engine!r} runs on the CPU; the samples are on {x_t.device}.")
         if not isinstance(cond, torch.Tensor):
@@ -200,7 +211,6 @@ class CPUEngineDenoiser(torch.nn.Module):
                 f"engine={self.engine!r} exports denoisers whose condition is one tensor; got {type(cond).__name__}. "
                 "Use engine='torch' for this network."
             )
-        labels = [] if class_labels is None else [class_labels.to(dtype=torch.long)]
         weights = self._current_weights()
         if weights != self._weights_version:
             self._sessions.clear()
