@@ -5,8 +5,10 @@ launcher raises it (up to the hard limit) and re-executes itself, because a proc
 stack and its threads' default stack size are fixed when it starts. Inside a container started with
 ``--ulimit stack=33554432`` nothing happens. Paths default to the MONAI Deploy environment variables
 (``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_MODEL_PATH``) as in an application
-package. Errors a user can cause (missing model, folder without DICOM, wrong modality, bad slice
-selection) are reported in one line with exit status 1.
+package; the CPU inference engine and precision default to ``AMBISEG_DEPLOY_ENGINE`` and
+``AMBISEG_DEPLOY_PRECISION`` (a container's ``docker run -e``). Errors a user can cause (missing model,
+folder without DICOM, wrong modality, bad slice selection, an engine whose package is missing) are
+reported in one line with exit status 1.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def ensure_stack_size(argv: Sequence[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: the launcher must re-execute itself before torch and MONAI are imported
+    from ambiseg_monai.deploy.predictor import PRECISIONS
+    from ambiseg_monai.inferers.cpu_engine import ENGINES
+
     parser = argparse.ArgumentParser(
         prog="python -m ambiseg_monai.deploy",
         description="Ambiguous segmentation of a DICOM study or NIfTI image with an exported ambiseg bundle: "
@@ -76,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4, help="slices per inferer call")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
+        "--engine",
+        default=env("AMBISEG_DEPLOY_ENGINE") or "torch",
+        choices=ENGINES,
+        help="where a diffusion model's denoiser calls run: torch, or a CPU inference engine (needs "
+        "pip install 'ambiseg-monai[cpu-engines]') (default: $AMBISEG_DEPLOY_ENGINE or torch)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=env("AMBISEG_DEPLOY_PRECISION") or None,
+        choices=PRECISIONS,
+        help="precision of the denoiser calls; bfloat16 with torch or openvino (default: $AMBISEG_DEPLOY_PRECISION, "
+        "else the bundle's with torch and float32 with an engine)",
+    )
+    parser.add_argument(
         "-l", "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
@@ -101,10 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         class_label=args.class_label,
         batch_size=args.batch_size,
         device=args.device,
+        engine=args.engine,
+        precision=args.precision,
     )
     try:
         output = run_application(settings)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, ImportError, FileNotFoundError, NotADirectoryError) as error:
         print(f"ambiseg-deploy: error: {error}", file=sys.stderr)
         return 1
     print(f"ambiseg-deploy: outputs written to {output}")

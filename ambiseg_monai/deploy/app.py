@@ -89,6 +89,9 @@ class DeploySettings:
         class_label: class label for level / rater conditioned models.
         batch_size: slices per inferer call.
         device: ``"cpu"`` or ``"cuda"``...
+        engine: where a diffusion model's denoiser calls run: ``"torch"``, ``"onnxruntime"`` or
+            ``"openvino"`` (CPU inference engines, the ``cpu-engines`` extra).
+        precision: ``"float32"`` or ``"bfloat16"`` (None: the bundle's with ``"torch"``, float32 with an engine).
     """
 
     input: str | os.PathLike
@@ -100,6 +103,8 @@ class DeploySettings:
     class_label: int | None = None
     batch_size: int = 4
     device: str = "cpu"
+    engine: str = "torch"
+    precision: str | None = None
 
 
 class AmbiguousSegmentationApp(Application):
@@ -124,6 +129,8 @@ class AmbiguousSegmentationApp(Application):
             class_label=s.class_label,
             batch_size=s.batch_size,
             device=s.device,
+            engine=s.engine,
+            precision=s.precision,
             name="ambiguous_segmentation",
         )
         maps_writer = NiftiMapsWriterOperator(
@@ -156,8 +163,12 @@ def run_application(settings: DeploySettings) -> Path:
         FileNotFoundError / ValueError: a missing or invalid model, an input without DICOM or without
             a series of the model's modality, a bad slice selection (before the graph starts when the
             headers tell), or any error raised inside the graph.
+        ImportError: the engine's package is not installed (before anything is read).
     """
     from ambiseg_monai.deploy.exported import load_exported_bundle
+    from ambiseg_monai.deploy.predictor import check_engine
+
+    check_engine(settings.engine, settings.precision, settings.device)  # a missing engine fails before any work
 
     model = resolve_model_path(settings.model)
     export = load_exported_bundle(model).export  # fails early on a file that is not an exported model
@@ -166,6 +177,7 @@ def run_application(settings: DeploySettings) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     resolved = DeploySettings(**{**settings.__dict__, "model": str(model), "output": str(output)})
     logger.info("input %s (%s), model %s, output %s", settings.input, description.kind, model, output)
+    logger.info("engine %s, precision %s", settings.engine, settings.precision or "the default")
     app = AmbiguousSegmentationApp(resolved, description.kind)
     if _main_stack_bytes() >= HOLOSCAN_STACK_BYTES:
         app.run()

@@ -139,7 +139,7 @@ class AmbiguousSegmentationOperator(Operator):
     Args:
         model_path: exported ``model.ts`` (``ambiseg export``).
         slices: ``"all"``/None or a selection like ``"0,3,5-7"`` (0-based, volume order).
-        num_samples, num_inference_steps, class_label, batch_size, device: see
+        num_samples, num_inference_steps, class_label, batch_size, device, engine, precision: see
             :class:`~ambiseg_monai.deploy.predictor.AmbiguousSlicePredictor`.
     """
 
@@ -154,6 +154,8 @@ class AmbiguousSegmentationOperator(Operator):
         class_label: int | None = None,
         batch_size: int = 4,
         device: str = "cpu",
+        engine: str = "torch",
+        precision: str | None = None,
         **kwargs,
     ):
         self.predictor = AmbiguousSlicePredictor(
@@ -163,6 +165,8 @@ class AmbiguousSegmentationOperator(Operator):
             class_label=class_label,
             batch_size=batch_size,
             device=device,
+            engine=engine,
+            precision=precision,
         )
         self.slices = slices
         super().__init__(fragment, *args, **kwargs)

@@ -6,6 +6,10 @@ id), so the same code serves every bundle: diffusion bundles (``DiffusionSamplin
 (``LatentSampleInferer`` on an :class:`~ambiseg_monai.deploy.exported.ExportedLatentModel`).
 The only protocol relied on is ``inferer(inputs B x C x H x W, network) -> B x N x H x W`` binary
 samples (or a dict holding them under ``"pred"``/``"samples"``).
+
+A diffusion bundle's denoiser calls can run in a CPU inference engine (``engine``, ``precision``: the
+inferer's ``engine`` and ``autocast_dtype``, see :mod:`ambiseg_monai.inferers.cpu_engine`);
+:func:`check_engine` validates the choice before any model or image is read.
 """
 
 from __future__ import annotations
@@ -26,8 +30,37 @@ from ambiseg_monai.deploy.preprocessing import (
     parse_slice_selection,
     resample_to_grid,
 )
+from ambiseg_monai.inferers.cpu_engine import ENGINES, require_engine
 
-__all__ = ["SlicePrediction", "AmbiguousSlicePredictor", "inferer_samples"]
+__all__ = ["SlicePrediction", "AmbiguousSlicePredictor", "inferer_samples", "check_engine", "PRECISIONS"]
+
+#: ``precision`` values: the denoiser calls in float32, or in bfloat16 (PyTorch autocast, or OpenVINO's bf16).
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_engine(engine: str = "torch", precision: str | None = None, device: str | torch.device = "cpu") -> None:
+    """Fail fast on an engine / precision choice the run cannot honour.
+
+    Args:
+        engine: one of :data:`~ambiseg_monai.inferers.cpu_engine.ENGINES`.
+        precision: one of :data:`PRECISIONS`, or None (the bundle's own for ``"torch"``, float32 for an engine).
+        device: the torch device of the run (the engines run on the CPU).
+
+    Raises:
+        ValueError: an unknown engine or precision, an engine on a non-CPU device, bfloat16 with onnxruntime.
+        ImportError: the engine's package is missing (the message names it and the pip command).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if engine == "torch":
+        return
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"engine={engine!r} runs on the CPU; use device 'cpu' (got {device!r}) or engine='torch'.")
+    if precision == "bfloat16" and engine != "openvino":
+        raise ValueError(f"engine={engine!r} runs float32 only; bfloat16 is available with engine='openvino'.")
+    require_engine(engine)
 
 
 def inferer_samples(output: Any) -> torch.Tensor:
@@ -86,6 +119,15 @@ class AmbiguousSlicePredictor:
         class_label: class label for models conditioned on a consensus level / rater id.
         batch_size: slices per inferer call (each slice costs N network rows per step).
         device: torch device.
+        engine: where a diffusion bundle's denoiser calls run: ``"torch"`` (default: the exported
+            TorchScript model), ``"onnxruntime"`` or ``"openvino"`` (that model exported to ONNX on the
+            first batch; CPU only); overrides ``<inferer_id>#engine``.
+        precision: ``"float32"`` or ``"bfloat16"`` (onnxruntime: float32 only); overrides
+            ``<inferer_id>#autocast_dtype``. None: the bundle's own with ``"torch"``, float32 with an engine.
+
+    Raises:
+        ValueError / ImportError: see :func:`check_engine` (raised before the model is read); an engine
+            or precision for a model that is not a diffusion model.
     """
 
     def __init__(
@@ -97,9 +139,12 @@ class AmbiguousSlicePredictor:
         class_label: int | None = None,
         batch_size: int = 4,
         device: str | torch.device = "cpu",
+        engine: str = "torch",
+        precision: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        check_engine(engine, precision, device)
         self.device = torch.device(device)
         self.bundle: ExportedBundle = load_exported_bundle(model_path, self.device)
         if self.bundle.image_channels != 1:
@@ -119,10 +164,29 @@ class AmbiguousSlicePredictor:
                     f"the bundle's inferer ({inferer_config.get('_target_', '?')}) has no '{name}' to set."
                 )
             overrides[f"{inferer_id}#{name}"] = int(value)
+        overrides.update(self._engine_overrides(inferer_id, engine, precision))
         parser.update(overrides)
         self.inferer = parser.get_parsed_content(inferer_id, instantiate=True)
         self.class_label = class_label
         self.batch_size = int(batch_size)
+
+    def _engine_overrides(self, inferer_id: str, engine: str, precision: str | None) -> dict[str, Any]:
+        """Overrides of the diffusion inferer's ``engine`` and ``autocast_dtype`` (none for the defaults)."""
+        if engine == "torch" and precision is None:
+            return {}  # the bundle's inferer exactly as exported
+        kind = self.bundle.export.get("kind")
+        if kind != "diffusion":
+            raise ValueError(
+                f"engine and precision apply to diffusion models; this exported model is a {kind!r} one "
+                "(use engine 'torch' and no precision)."
+            )
+        # float32 is no autocast; with an engine the precision is always set, so a bundle exported with
+        # bf16 autocast does not make onnxruntime refuse to start
+        autocast = None if (precision or "float32") == "float32" else precision
+        overrides: dict[str, Any] = {f"{inferer_id}#autocast_dtype": autocast}
+        if engine != "torch":
+            overrides[f"{inferer_id}#engine"] = engine
+        return overrides
 
     @property
     def modalities(self) -> list[str]:
