@@ -1,4 +1,5 @@
-"""The benchmark scripts: their settings parse, the quality script runs end to end and reuses a trained network."""
+"""The benchmark scripts: their settings parse, the quality script runs end to end and reuses a trained network,
+the metric benchmark compares the current suite with the previous one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from monai.bundle import ConfigParser
 
 from ambiseg_monai.data.demo import DemoConfig, generate_demo_dataset
 from benchmarks import convergence, quality, run_all, sampler_overhead
+from benchmarks import metrics as metrics_benchmark
 
 
 @pytest.mark.parametrize("script", sorted(run_all.SUITE))
@@ -364,3 +366,28 @@ def test_memorisation_compares_sampled_lobe_frequencies_with_the_images_own_draw
     assert 0.0 <= result["lobe_error"] <= 1.0 and 0.0 <= result["mean_abs_f_minus_d"] <= 1.0
     corr = result["corr_f_minus_p_d_minus_p"]
     assert corr != corr or -1.0 <= corr <= 1.0  # NaN when an untrained model's frequencies do not vary
+
+
+def test_metrics_benchmark_compares_current_and_previous_suite_with_the_load(capsys):
+    arguments = ["--batch", "3", "--samples", "5", "--raters", "3", "--size", "17", "--repeats", "1", "--compare"]
+    result = metrics_benchmark.main(arguments)
+    out = capsys.readouterr().out
+    assert "load average before:" in out and "load average after :" in out
+    assert "vectorised, previous" in out and "current vs previous:" in out
+    assert "agreement within 1e-6: True" in out and "current and previous results identical: True" in out
+    assert result["worst_difference"] <= 1e-6 and result["identical"] == 1.0
+    assert result["current_s"] > 0 and result["previous_s"] > 0 and result["loop_s"] > 0
+
+
+def test_previous_metric_suite_is_restored_after_the_comparison():
+    import ambiseg_monai.metrics.ncc as ncc
+    import ambiseg_monai.metrics.suite as suite
+    from ambiseg_monai.metrics import MaskSetOverlaps
+
+    def stages():
+        return MaskSetOverlaps.from_masks, ncc.rater_level_histogram, suite.combined_sensitivity_from_overlaps
+
+    originals = stages()
+    with metrics_benchmark.previous_implementation():
+        assert all(a != b for a, b in zip(stages(), originals, strict=True))
+    assert stages() == originals

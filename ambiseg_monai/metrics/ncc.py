@@ -37,6 +37,7 @@ __all__ = [
     "s_ncc_from_counts",
     "sample_log_maps",
     "sample_log_maps_from_counts",
+    "rater_level_histogram",
     "CONSTANT_VARIANCE",
 ]
 
@@ -115,6 +116,52 @@ def _mean_ncc_from_moments(
     return masked_mean(ncc, rater_mask, dim=1)
 
 
+# Raters folded into one byte per pixel: 2**8 patterns per count level keep the histogram small.
+_RATERS_PER_PATTERN = 8
+
+
+def rater_level_histogram(
+    pred_count: torch.Tensor, levels: int, raters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histograms of the per-pixel sample count k over every rater's foreground and over all pixels.
+
+    Raters are taken in groups of up to 8: each pixel's group pattern ``Σ_t y_t 2^t`` is one byte, and one
+    ``bincount`` of (image, k, pattern) per group gives every rater's histogram (sum over the patterns with
+    its bit set). One pass over B x P indices per group instead of one per rater.
+
+    Args:
+        pred_count: B x P integer count k in 0..levels-1 of foreground samples per pixel.
+        levels: N + 1.
+        raters: B x M x P bool rater masks.
+
+    Returns:
+        ``on_rater`` B x M x levels float64 (pixels with count k on rater j's foreground) and ``per_level``
+        B x levels float64 (pixels with count k).
+    """
+    batch, num_raters, num_pixels = raters.shape
+    device = raters.device
+    image = torch.arange(batch, device=device)[:, None]
+    groups = []
+    for first in range(0, num_raters, _RATERS_PER_PATTERN):
+        group = raters[:, first : first + _RATERS_PER_PATTERN].view(torch.uint8)
+        width = group.shape[1]
+        weights = (2 ** torch.arange(width, device=device)).to(torch.uint8)
+        pattern = (group * weights[None, :, None]).sum(1, dtype=torch.uint8)  # B x P, one byte per pixel
+        num_bins = batch * levels * 2**width
+        # int32 indices are several times faster to build (and to count) than int64 ones
+        index_dtype = torch.int32 if num_bins < 2**31 else torch.int64
+        index = pred_count.to(index_dtype, copy=True)  # built in place in one B x P buffer
+        index += (image * levels).to(index_dtype)
+        index *= 2**width
+        index += pattern
+        histogram = torch.bincount(index.flatten(), minlength=num_bins).view(batch, levels, 2**width)
+        bits = (torch.arange(2**width, device=device)[:, None] >> torch.arange(width, device=device)) & 1
+        # B x levels x 2^w @ 2^w x w -> B x w x levels: the pixels of each level on each rater
+        groups.append((histogram.to(torch.float64) @ bits.to(torch.float64)).transpose(1, 2))
+    per_level = histogram.sum(-1).to(torch.float64)  # every group covers all pixels
+    return torch.cat(groups, dim=1), per_level
+
+
 def s_ncc_from_counts(
     pred_count: torch.Tensor,
     num_samples: int,
@@ -129,22 +176,9 @@ def s_ncc_from_counts(
     foreground: O(P) counting instead of float64 maps.
     """
     batch, num_pixels = pred_count.shape
-    num_raters, levels = raters.shape[1], num_samples + 1
-    num_bins = batch * num_raters * levels * 2
-    # int32 indices are several times faster to build than int64 ones
-    index_dtype = torch.int32 if num_bins < 2**31 else torch.int64
-    counts = pred_count.to(index_dtype)
-    device = counts.device
-    # histogram[b, j, k, y]: pixels of image b with k foreground samples and rater j's value y
-    offsets = torch.arange(batch * num_raters, dtype=index_dtype, device=device).view(batch, num_raters, 1)
-    # built in place in one B x M x P buffer: the index is the largest tensor of the whole suite
-    index = raters.reshape(batch, num_raters, num_pixels).to(index_dtype)
-    index += (2 * counts)[:, None]
-    index += offsets * (2 * levels)
-    histogram = torch.bincount(index.flatten(), minlength=num_bins)
-    histogram = histogram.view(batch, num_raters, levels, 2).to(torch.float64)
-    on_rater = histogram[..., 1]  # B x M x (N+1)
-    per_level = histogram[:, 0].sum(-1)  # B x (N+1): every rater channel covers all pixels
+    levels = num_samples + 1
+    device = pred_count.device
+    on_rater, per_level = rater_level_histogram(pred_count, levels, raters.flatten(2))
 
     mean_map, log_fg, log_bg = sample_log_maps_from_counts(
         torch.arange(levels, dtype=torch.float64, device=device)[None], num_samples, eps

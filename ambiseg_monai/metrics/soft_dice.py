@@ -108,9 +108,12 @@ def soft_dice_from_counts(
     max_votes = int(num_raters.max())
     num_bins = batch * (num_samples + 1) * (max_votes + 1)
     index_dtype = torch.int32 if num_bins < 2**31 else torch.int64  # int32 indices are faster to build
-    counts, votes = pred_count.to(index_dtype), rater_votes.to(index_dtype)
     image = torch.arange(batch, dtype=index_dtype, device=device)[:, None]
-    joint_index = (image * (num_samples + 1) + counts) * (max_votes + 1) + votes
+    # built in place in one B x P buffer (the counts may be uint8: adding them promotes nothing)
+    joint_index = pred_count.to(index_dtype, copy=True)
+    joint_index += image * (num_samples + 1)
+    joint_index *= max_votes + 1
+    joint_index += rater_votes
     joint = torch.bincount(joint_index.flatten(), minlength=num_bins)
     joint = joint.view(batch, num_samples + 1, max_votes + 1).to(torch.float64)
     # The same float64 values the maps would hold: k / N and v / M_b.
