@@ -59,7 +59,7 @@ def test_augment_applies_one_dihedral_op_to_image_target_and_raters(bundle, smal
 
 
 @pytest.mark.parametrize(
-    "bundle, default", [("cimd", False), ("prob_unet", True), ("phiseg", True), ("ssn", True), ("ambdiffseg", True)]
+    "bundle, default", [("cimd", True), ("prob_unet", True), ("phiseg", True), ("ssn", True), ("ambdiffseg", True)]
 )
 def test_each_bundle_s_augment_default(bundle, default, small_demo_dataset):
     """On where the demo study measured it to stop memorisation (docs/benchmarks.md), off elsewhere."""
