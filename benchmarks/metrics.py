@@ -80,19 +80,7 @@ def _previous_from_masks(
     num_pixels = preds.shape[-2] * preds.shape[-1]
     preds, raters = preds.reshape(batch, num_preds, num_pixels), raters.reshape(batch, -1, num_pixels)
     gram, pred_count, rater_votes = _previous_counts_int8(preds, raters, rater_mask)
-    gram = gram.to(torch.float64)
-    area = torch.diagonal(gram, dim1=1, dim2=2)
-    return cls(
-        pred_area=area[:, :num_preds],
-        rater_area=area[:, num_preds:],
-        pred_pred=gram[:, :num_preds, :num_preds],
-        rater_rater=gram[:, num_preds:, num_preds:],
-        pred_rater=gram[:, :num_preds, num_preds:],
-        rater_mask=rater_mask,
-        pred_count=pred_count,
-        rater_votes=rater_votes,
-        num_pixels=num_pixels,
-    )
+    return cls.from_gram(gram, pred_count, rater_votes, rater_mask, num_pixels)
 
 
 def _previous_rater_level_histogram(

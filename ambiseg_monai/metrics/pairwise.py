@@ -174,8 +174,31 @@ class MaskSetOverlaps:
         preds, raters = preds.reshape(batch, num_preds, num_pixels), raters.reshape(batch, -1, num_pixels)
         # torch 2.13's CPU _int_mm returns uninitialised memory for a reduction length of 1 (1-pixel images)
         use_int8 = preds.device.type == "cpu" and 1 < num_pixels < _INT32_EXACT_COUNT and _int8_matmul_works()
-        gram = (_gram_int8 if use_int8 else _gram_float)(preds, raters).to(torch.float64)
+        gram = (_gram_int8 if use_int8 else _gram_float)(preds, raters)
         pred_count, rater_votes = pixel_counts(preds, raters, rater_mask)
+        return cls.from_gram(gram, pred_count, rater_votes, rater_mask, num_pixels)
+
+    @classmethod
+    def from_gram(
+        cls,
+        gram: torch.Tensor,
+        pred_count: torch.Tensor,
+        rater_votes: torch.Tensor,
+        rater_mask: torch.Tensor,
+        num_pixels: int,
+    ) -> MaskSetOverlaps:
+        """Split the B x (N + M) x (N + M) Gram matrix of ``[preds; raters]`` intersections into the blocks.
+
+        Args:
+            gram: B x (N + M) x (N + M) pairwise intersection counts (any numeric dtype); N is its size
+                minus ``rater_mask``'s M.
+            pred_count: B x P per-pixel count of the predictions covering each pixel.
+            rater_votes: B x P per-pixel count of the real raters covering each pixel.
+            rater_mask: B x M bool real-rater mask.
+            num_pixels: P.
+        """
+        gram = gram.to(torch.float64)
+        num_preds = gram.shape[-1] - rater_mask.shape[-1]
         area = torch.diagonal(gram, dim1=1, dim2=2)
         return cls(
             pred_area=area[:, :num_preds],
