@@ -9,7 +9,7 @@ HERE = Path(__file__).parent
 # The deploy SDK is not in the test extra: installed next to MONAI it lands in the monai/ package
 # folder, `import monai` then imports monai.deploy and with it Holoscan (a stack-size RuntimeWarning
 # in every command, cupy and cuda-python in the environment). The deploy tests (marked deploy_sdk)
-# skip without it; .ci/run runs them in a second environment with `.[test,deploy]`.
+# skip without it; .ci/run runs them in a second environment with `.[test,deploy,cpu-engines]`.
 DEPLOY_REQUIRES = ["monai-deploy-app-sdk>=4.0,<5", "highdicom>=0.28.2"]
 
 # CPU inference engines of the N-sample diffusion inferer (engine="onnxruntime" / "openvino"; onnx for

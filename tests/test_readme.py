@@ -41,7 +41,7 @@ def test_test_extra_keeps_the_deploy_sdk_out_and_ci_runs_the_deploy_tests():
     test_extra = setup.split("TEST_REQUIRES = [", 1)[1].split("]", 1)[0]
     assert "monai-deploy-app-sdk" not in test_extra and "holoscan" not in test_extra
     ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert 'pip install torch==2.13.0 -e ".[test,deploy]" && python -m pytest -q -m deploy_sdk' in ci_script
+    assert 'pip install torch==2.13.0 -e ".[test,deploy,cpu-engines]" && python -m pytest -q -m deploy_sdk' in ci_script
 
 
 def test_import_monai_does_not_import_holoscan():
@@ -54,9 +54,10 @@ def test_import_monai_does_not_import_holoscan():
 
 
 def test_ci_runs_the_cpu_engine_tests_with_their_extra():
-    """The engine tests skip without the optional cpu-engines extra; CI installs it and runs them."""
+    """The engine tests skip without the optional cpu-engines extra; CI installs it and runs them (the deploy
+    app's engine tests in the deploy environment too)."""
     ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert (
         'pip install --quiet torch==2.13.0 -e ".[cpu-engines]" && python -m pytest -q tests/test_cpu_engine.py'
-        in ci_script
+        " tests/test_deploy_engine.py" in ci_script
     )
