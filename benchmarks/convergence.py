@@ -200,7 +200,12 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the largest step count",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the training and of the truth draws; the sampling seed is the bundle's: --set seed=N",
+    )
     parser.add_argument("--json", default=None, help="write every row to this JSON file")
     parser.add_argument(
         "--from-json",
