@@ -30,12 +30,9 @@ from ambiseg_monai.deploy.preprocessing import (
     parse_slice_selection,
     resample_to_grid,
 )
-from ambiseg_monai.inferers.cpu_engine import ENGINES, require_engine
+from ambiseg_monai.inferers.cpu_engine import ENGINES, PRECISIONS, check_precision, require_engine
 
 __all__ = ["SlicePrediction", "AmbiguousSlicePredictor", "inferer_samples", "check_engine", "PRECISIONS"]
-
-#: ``precision`` values: the denoiser calls in float32, or in bfloat16 (PyTorch autocast, or OpenVINO's bf16).
-PRECISIONS = ("float32", "bfloat16")
 
 
 def check_engine(engine: str = "torch", precision: str | None = None, device: str | torch.device = "cpu") -> None:
@@ -52,14 +49,12 @@ def check_engine(engine: str = "torch", precision: str | None = None, device: st
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision is not None:
+        check_precision(engine, precision)
     if engine == "torch":
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"engine={engine!r} runs on the CPU; use device 'cpu' (got {device!r}) or engine='torch'.")
-    if precision == "bfloat16" and engine != "openvino":
-        raise ValueError(f"engine={engine!r} runs float32 only; bfloat16 is available with engine='openvino'.")
     require_engine(engine)
 
 

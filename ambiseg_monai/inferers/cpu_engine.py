@@ -38,7 +38,7 @@ import torch
 
 from ambiseg_monai.networks.denoisers import condition_of, unwrap_network
 
-__all__ = ["ENGINES", "ENGINE_PACKAGES", "CPUEngineDenoiser", "require_engine"]
+__all__ = ["ENGINES", "ENGINE_PACKAGES", "PRECISIONS", "CPUEngineDenoiser", "check_precision", "require_engine"]
 
 #: ``engine`` values of :class:`~ambiseg_monai.inferers.diffusion.DiffusionSamplingInferer`.
 ENGINES = ("torch", "onnxruntime", "openvino")
@@ -48,6 +48,19 @@ ENGINE_PACKAGES = {
     "onnxruntime": {"onnxruntime": "1.32.0", "onnx": "1.23.2"},
     "openvino": {"openvino": "2026.4.1", "onnx": "1.23.2"},
 }
+
+
+#: precisions of the denoiser calls: float32, or bfloat16 (PyTorch autocast, or OpenVINO's bf16 inference).
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(engine: str, precision: str) -> None:
+    """Raise ValueError for a precision that is not in :data:`PRECISIONS` or that ``engine`` cannot run
+    (onnxruntime's CPU kernels are float32 only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision == "bfloat16" and engine not in ("torch", "openvino"):
+        raise ValueError(f"engine={engine!r} runs float32 only; bfloat16 is available with engine='openvino'.")
 
 
 def require_engine(engine: str) -> ModuleType:
@@ -115,10 +128,7 @@ class CPUEngineDenoiser(torch.nn.Module):
     def __init__(self, network: torch.nn.Module, engine: str, precision: str = "float32") -> None:
         super().__init__()
         self.runtime = require_engine(engine)
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}.")
-        if precision == "bfloat16" and engine != "openvino":
-            raise ValueError(f"engine={engine!r} runs float32 only; bfloat16 is available with engine='openvino'.")
+        check_precision(engine, precision)
         self.network = unwrap_network(network)
         # a TorchScript denoiser is exported as it is (it cannot be traced again inside _Signature)
         self.scripted = isinstance(getattr(self.network, "traced", None), torch.jit.ScriptModule)
