@@ -3,8 +3,10 @@ against the data loader alone (it must not be the bottleneck).
 
 Each method's own ``SupervisedTrainer`` is built from ``bundles/<method>/configs/train.json`` on the demo
 dataset (only epochs, ``amp`` and the memory format are changed; no handlers), run for
-``--epochs`` epochs, and timed over the iterations after the first epoch (warm-up). The loader row
-iterates ``train#dataloader`` alone (loading, rater selection, collation) for the same number of batches.
+``--epochs`` epochs, and timed over the iterations after the first epoch (warm-up). The loader rows
+iterate ``train#dataloader`` alone (loading, rater selection, augmentation, collation) for the same number of
+batches: the bundle's (an ``UntrackedCompose``), and the same transforms in a plain ``Compose`` (MONAI's
+MetaTensor tracking on).
 
 Settings: ``fp32`` (contiguous); ``fp32+CL`` (channels-last weights); on CUDA also ``AMP`` and
 ``AMP+CL`` (fp16 autocast + GradScaler, the bundles' default on GPU). Peak memory is CUDA's
@@ -127,11 +129,15 @@ def main() -> None:
                 rows.append((method, name, rate, peak))
                 # progress; the table goes to stdout
                 print(f"{method} {name}: {rate:.2f} it/s, peak {peak} MiB", file=sys.stderr, flush=True)
-            loader = parser.get_parsed_content("train#dataloader")
             batches = trainer.state.epoch_length * (args.epochs - 1)
-            loader_rate = loader_batches_per_second(loader, batches)
             fastest = max(r[2] for r in rows if r[0] == method)
-            rows.append((method, "loader alone", loader_rate, f"{loader_rate / fastest:.0f}x the fastest training"))
+            # the bundles' UntrackedCompose against a plain Compose of the same transforms (MetaTensor tracking)
+            for name, target in (("loader alone", None), ("loader, tracked Compose", "Compose")):
+                if target is not None:
+                    parser["train#preprocessing#_target_"] = target
+                loader = parser.get_parsed_content("train#dataloader", instantiate=True, lazy=False)
+                loader_rate = loader_batches_per_second(loader, batches)
+                rows.append((method, name, loader_rate, f"{loader_rate / fastest:.1f}x the fastest training"))
     print(f"\ndevice={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
           f"threads={args.threads} image_size={args.image_size} epochs={args.epochs} (first is warm-up)")  # fmt: skip
     header = ("method", "setting", "it/s (loader: batches/s)", "peak MiB / note")

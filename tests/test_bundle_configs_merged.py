@@ -260,6 +260,9 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         # (diffusion methods: the trainer output's l_* terms, as loss_terms_from_output did)
         "train#loss_terms": {"_target_": "ambiseg_monai.handlers.LossTerms"},
         "train#handlers#5#output_transform": "@train#loss_terms",
+        # the training pipelines run without MetaTensor bookkeeping (their items drop it at the end anyway):
+        # the same tensors, a 3x faster loader (docs/benchmarks.md, "Training throughput")
+        "train#preprocessing#_target_": "ambiseg_monai.transforms.UntrackedCompose",
         "train#mlflow_handler#output_transform": "@train#loss_terms",
         # Issue #18 (a newcomer's first hour), logging: per-iteration lines only on request
         # (log_every_iteration, default false); one line per epoch with the mean loss terms and a progress
