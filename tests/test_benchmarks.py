@@ -130,7 +130,7 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     assert jittered["mode_tv"] == pytest.approx(truth["mode_tv"])
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     assert (tmp_path / "convergence.png").stat().st_size > 1000
-    assert "| cimd | bundle | ddpm | 50 | 2 |" in capsys.readouterr().out  # the bundle's own sampler and steps
+    assert "| cimd | bundle | ddim | 50 | 2 |" in capsys.readouterr().out  # the bundle's own sampler and steps
     # a saved bundle model file is scored with the weights its inference.json loads
     _untrained_model_file(tmp_path / "model.pt")
     scored = convergence.main(["--methods", "prob_unet", "--checkpoint", str(tmp_path / "model.pt"), "--samples", "2",
@@ -168,8 +168,8 @@ def test_steps_id_and_sampler_switch_of_the_inference_config(method, overlays, v
     assert convergence.steps_id(parser) == "inference_steps"
     assert convergence.variant_name(overlays) == variant
     family, sampler = convergence.sampler_of(parser)
-    assert (family, sampler) == (("flow", "euler") if overlays else ("respaced", "ddpm"))
-    other = "heun" if overlays else "ddim"
+    assert (family, sampler) == (("flow", "euler") if overlays else ("respaced", "ddim"))
+    other = "heun" if overlays else "ddpm"
     convergence.use_sampler(parser, other)
     assert convergence.sampler_of(parser) == (family, other)
     with pytest.raises(ValueError, match="does not fit"):
@@ -178,9 +178,9 @@ def test_steps_id_and_sampler_switch_of_the_inference_config(method, overlays, v
 
 def test_sampling_settings_keep_the_fitting_samplers_and_score_a_latent_model_once():
     args = convergence._parse(["--samplers", "bundle", "ddpm", "ddim", "heun", "--sampling-steps", "1", "5"])
-    # CIMD's own sampler is DDPM: "ddpm" again is dropped, Heun does not fit
+    # CIMD's own sampler is DDIM: "ddim" again is dropped, Heun does not fit
     assert convergence.sampling_settings("cimd", ".", [], args) == [
-        ("bundle", 1), ("bundle", 5), ("ddim", 1), ("ddim", 5)]  # fmt: skip
+        ("bundle", 1), ("bundle", 5), ("ddpm", 1), ("ddpm", 5)]  # fmt: skip
     assert convergence.sampling_settings("cimd", ".", [FLOW["cimd"]], args) == [
         ("bundle", 1), ("bundle", 5), ("heun", 1), ("heun", 5)]  # fmt: skip
     assert convergence.sampling_settings("prob_unet", ".", [], args) == [("bundle", None)]  # no sampler, no steps
@@ -188,14 +188,14 @@ def test_sampling_settings_keep_the_fitting_samplers_and_score_a_latent_model_on
 
 def test_convergence_sweeps_the_sampling_steps_of_a_saved_ddpm_and_flow_model(tmp_path, small_demo_dataset, capsys):
     common = ["--samples", "2", "--images", "2", "--threads", "1", "--dataset-dir", small_demo_dataset]
-    # the DDPM CIMD bundle: its own sampler and DDIM, once per step count; a flow solver does not fit it
+    # the VP CIMD bundle: its own sampler (DDIM) and DDPM, once per step count; a flow solver does not fit it
     _untrained_model_file(tmp_path / "cimd_it3.pt", "cimd")  # named as --save-dir names them: 3 iterations
     rows = convergence.main(["--methods", "cimd", "--checkpoint", str(tmp_path / "cimd_it3.pt"), "--sampling-steps",
-                             "1", "3", "--samplers", "bundle", "ddim", "heun", "--json", str(tmp_path / "ddpm.json"),
+                             "1", "3", "--samplers", "bundle", "ddpm", "heun", "--json", str(tmp_path / "ddpm.json"),
                              *common])  # fmt: skip
     scored = _model_rows(rows)
     assert [(r["variant"], r["sampler"], r["sampling_steps"], r["network_calls"]) for r in scored] == [
-        ("bundle", "ddpm", 1, 1), ("bundle", "ddpm", 3, 3), ("bundle", "ddim", 1, 1), ("bundle", "ddim", 3, 3),
+        ("bundle", "ddim", 1, 1), ("bundle", "ddim", 3, 3), ("bundle", "ddpm", 1, 1), ("bundle", "ddpm", 3, 3),
     ]  # fmt: skip
     for row in scored:
         assert row["checkpoint"] == str(tmp_path / "cimd_it3.pt") and row["iterations"] == 3
@@ -235,25 +235,25 @@ def test_convergence_sweeps_the_sampling_steps_of_a_saved_ddpm_and_flow_model(tm
 def test_convergence_trains_each_variant_and_scoring_does_not_change_the_training(tmp_path, small_demo_dataset, capsys):
     common = ["--methods", "cimd", "--samples", "2", "--images", "2", "--threads", "1",
               "--dataset-dir", small_demo_dataset]  # fmt: skip
-    rows = convergence.main([*common, "--variants", "ddpm=", "flow=bundles/{method}/configs/flow_matching.json",
+    rows = convergence.main([*common, "--variants", "vp=", "flow=bundles/{method}/configs/flow_matching.json",
                              "--iterations", "1", "2", "--sampling-steps", "1", "2", "--save-dir", str(tmp_path / "w"),
                              "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "plot.png")])  # fmt: skip
     scored = _model_rows(rows)
     assert [(r["variant"], r["sampler"], r["iterations"], r["sampling_steps"]) for r in scored] == [
-        ("ddpm", "ddpm", 1, 1), ("ddpm", "ddpm", 1, 2), ("ddpm", "ddpm", 2, 1), ("ddpm", "ddpm", 2, 2),
+        ("vp", "ddim", 1, 1), ("vp", "ddim", 1, 2), ("vp", "ddim", 2, 1), ("vp", "ddim", 2, 2),
         ("flow", "euler", 1, 1), ("flow", "euler", 1, 2), ("flow", "euler", 2, 1), ("flow", "euler", 2, 2)]  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
-        "cimd_ddpm_it1.pt", "cimd_ddpm_it2.pt", "cimd_flow_it1.pt", "cimd_flow_it2.pt"]  # fmt: skip
+        "cimd_flow_it1.pt", "cimd_flow_it2.pt", "cimd_vp_it1.pt", "cimd_vp_it2.pt"]  # fmt: skip
     assert (tmp_path / "plot.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "| cimd | flow | euler | 2 | 2 |" in out and "| cimd | ddpm | ddpm | 2 | 2 | common |" in out
+    assert "| cimd | flow | euler | 2 | 2 |" in out and "| cimd | vp | ddim | 2 | 2 | common |" in out
     # the scored points run with the random state kept: training straight to 2 iterations, scored once,
     # gives the same weights (and scores) as the sweep above, which scored 2 settings after iteration 1
-    again = convergence.main([*common, "--variants", "ddpm=", "--iterations", "2", "--sampling-steps", "2",
+    again = convergence.main([*common, "--variants", "vp=", "--iterations", "2", "--sampling-steps", "2",
                               "--save-dir", str(tmp_path / "again")])  # fmt: skip
     assert {k: _model_rows(again)[0][k] for k in convergence.SCORES} == {k: scored[3][k] for k in convergence.SCORES}
     straight, swept = (
-        torch.load(d / "cimd_ddpm_it2.pt", weights_only=True)["ema"] for d in (tmp_path / "again", tmp_path / "w")
+        torch.load(d / "cimd_vp_it2.pt", weights_only=True)["ema"] for d in (tmp_path / "again", tmp_path / "w")
     )
     assert all(torch.equal(straight[k], swept[k]) for k in swept)
     # the rows of earlier runs are summarised again without training
