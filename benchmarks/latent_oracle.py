@@ -11,11 +11,12 @@ truth like ``convergence.py`` (GED to truth, mode TV, lobe error, empty error, i
   floor: decoder and posterior represent the distribution and the error is the prior's; far from it:
   the posterior's draws of one mode decode to others (they overlap) or the decoder cannot draw the mode;
 - ``posterior mean``: ``k ~ π``, ``z`` the mean of ``q(z | x, y_k)``: does the decoder reproduce ``y_k``?
-- Prob. U-Net only, a bisection of the prior: ``aggregate-moment prior``, ``z ~ N(m, v)`` with ``m, v``
-  the per-dimension moments of the aggregated posterior ``Σ_k π_k q(z | x, y_k)``: the Gaussian that
-  minimises ``Σ_k π_k KL(q_k || p)``, i.e. what the prior net is trained towards when its targets'
-  frequencies are the true ones (the best diagonal Gaussian prior for this posterior); and the two
-  halves of it, ``prior mean, aggregate std`` and ``aggregate mean, prior std``.
+- Prob. U-Net only, a bisection of the prior (diagonal Gaussians, whatever the latent family):
+  ``aggregate-moment prior``, ``z ~ N(m, v)`` with ``m, v`` the per-dimension moments of the aggregated
+  posterior ``Σ_k π_k q(z | x, y_k)``: the Gaussian that minimises ``Σ_k π_k KL(q_k || p)``, i.e. what the
+  prior net is trained towards when its targets' frequencies are the true ones (the best diagonal
+  Gaussian prior for this posterior); and the two halves of it, ``prior mean, aggregate std`` and
+  ``aggregate mean, prior std``.
 - PHiSeg only, a bisection of the hierarchy: ``posterior at levels >= l``, the coarse latents from the
   posterior of a drawn mode and the finer ones from the prior conditioned on them.
 
@@ -55,7 +56,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 
 from ambiseg_monai.data.demo import ensure_demo_dataset
 from ambiseg_monai.metrics.truth import region_inclusion_frequency
-from ambiseg_monai.networks.latent_distributions import latent_kl_divergence
+from ambiseg_monai.networks.latent_distributions import latent_kl_divergence, sample_with_generators
 
 METHODS = ("prob_unet", "phiseg")
 PROBABILITIES = (0.25, 0.5, 0.75)
@@ -112,9 +113,10 @@ def diagonal_gaussian(mean: torch.Tensor, std: torch.Tensor) -> Independent:
 # the two networks' latent paths
 # ------------------------------------------------------------------------------------------------
 def _normal_draw(generator: torch.Generator) -> Callable[[torch.distributions.Distribution], torch.Tensor]:
+    """A sampler of a latent distribution (any family, batch shape (R,)) drawing from ``generator``."""
+
     def draw(distribution):
-        noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float64)
-        return distribution.mean + distribution.stddev * noise.to(distribution.mean)
+        return sample_with_generators(distribution, [generator] * distribution.batch_shape[0])
 
     return draw
 
@@ -129,7 +131,12 @@ class ProbUNetProbe:
     def __init__(self, network, image: torch.Tensor) -> None:
         self.network, self.image = network, image  # 1 x C x H x W
         self.features = network.unet(image)
-        self.prior = network.prior(image)  # batch (1,), event (D,)
+        self.prior_params = network.prior.encode(image)  # 1 x P
+        self.prior = network.latent_distribution(self.prior_params)  # batch (1,), event (D,)
+
+    def prior_rows(self, rows: int):
+        """p(z | x) repeated ``rows`` times (batch (rows,))."""
+        return self.network.latent_distribution(self.prior_params.expand(rows, -1))
 
     def posterior(self, masks: torch.Tensor):
         """q(z | x, y) of each of M x H x W masks: batch (M,)."""
@@ -260,7 +267,7 @@ def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row
         z = mean + std * torch.randn(n, len(mean), generator=generator, dtype=torch.float64)
         rows[name].add(item, probe.decode(z.to(image.dtype)))
     # per mode: KL to the prior, the decoded posterior mean's IoU with the mode
-    kl_modes = _kl_diag(mu_k, sd_k, mu_p[None], sd_p[None])
+    kl_modes = latent_kl_divergence(q, probe.prior_rows(len(index))).double()
     decoded = probe.decode(mu_k.to(image.dtype)).cpu()
     inter = (decoded & modes[index]).flatten(1).sum(1).double()
     union = (decoded | modes[index]).flatten(1).sum(1).double()
@@ -324,9 +331,10 @@ def row_names(method: str, network) -> list[str]:
 
 @torch.no_grad()
 def latent_oracle(method: str, checkpoint: str, dataset_dir: str, samples: int, images: int | None,
-                  seed: int = 0, overrides: dict | None = None) -> dict:  # fmt: skip
+                  seed: int = 0, overrides: dict | None = None, overlays: Sequence[str] = ()) -> dict:  # fmt: skip
     """Rows and latent statistics of ``method``'s weights in ``checkpoint`` on the first ``images`` test images."""
-    parser, _, _, key = convergence.inference_evaluator(method, dataset_dir, [], overrides or {}, samples, images)
+    parser, _, _, key = convergence.inference_evaluator(method, dataset_dir, overlays, overrides or {}, samples, images)
+    torch.manual_seed(seed)  # Monte Carlo KL of the mixture families
     network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)[key])
     network.eval()
@@ -408,6 +416,7 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=None, help="first N test images (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the truth, mode and latent draws (the prior "
                         "row keeps the bundle's sampling seed: --set seed=N)")  # fmt: skip
+    parser.add_argument("--overlays", nargs="*", default=[], help="config overlays of the training run")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="config overrides of the run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the rows and the latent statistics here")
@@ -420,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dataset_dir = ensure_demo_dataset(args.dataset_dir)
     start = time.perf_counter()
     result = latent_oracle(args.method, args.checkpoint, dataset_dir, args.samples, args.images, args.seed,
-                           convergence.parse_overrides(args.set))  # fmt: skip
+                           convergence.parse_overrides(args.set), args.overlays)  # fmt: skip
     result["seconds"] = round(time.perf_counter() - start, 1)
     print_rows(result)
     print_stats(result)
