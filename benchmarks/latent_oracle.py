@@ -27,8 +27,9 @@ different modes; the truth's is ``1 - Σ_k π_k²``). Latent statistics per imag
 mode's posterior to the prior against ``-log π_k`` (the least a posterior must pay to single out its mode
 when the prior's mass per mode is right), the prior's mean and std against the aggregated posterior's,
 ``KL(N(m, v) || p)``, how much of the aggregated variance lies between the modes, and how the decoder
-depends on z (the share of prior draws decoded to another mode than the prior's mean). PHiSeg: the KL per
-latent level and mode.
+depends on z (the share of prior draws decoded to another mode than the prior's mean; which true modes
+any latent decodes to; the modes met along the latent's mode axis and whether its pixels switch once).
+PHiSeg: the KL per latent level and mode.
 
     python benchmarks/latent_oracle.py --method prob_unet --checkpoint w/prob_unet_it10000.pt \\
         --dataset-dir data/demo --samples 64 --threads 1 --json latent_oracle.json
@@ -60,6 +61,8 @@ from ambiseg_monai.networks.latent_distributions import latent_kl_divergence, sa
 
 METHODS = ("prob_unet", "phiseg")
 PROBABILITIES = (0.25, 0.5, 0.75)
+#: the mode match per drawn mode's probability: rare (π < 0.15), middle, common (π >= 0.4)
+MATCH_BINS = (("rare", 0.0, 0.15), ("middle", 0.15, 0.4), ("common", 0.4, 1.01))
 TRUTH_KEYS = ("truth_modes", "truth_probabilities", "truth_mode_mask", "truth_regions",
               "truth_region_probabilities", "truth_region_mask")  # fmt: skip
 
@@ -203,6 +206,7 @@ class Row:
         self.samples: list[torch.Tensor] = []
         self.lobes: list[tuple[float, bool, float]] = []  # (p, faint, f - p)
         self.matches: list[float] = []  # per image: share of draws of mode k decoded to mode k
+        self.match_by_pi: list[tuple[float, bool]] = []  # per draw: (π of the drawn mode, decoded to it)
         self.diversity: list[float] = []
 
     def add(self, item: dict, samples: torch.Tensor, drawn: torch.Tensor | None = None) -> None:
@@ -212,6 +216,8 @@ class Row:
         self.diversity.append(pair_diversity(assigned))
         if drawn is not None:
             self.matches.append(float((assigned == drawn).double().mean()))
+            pi = item["truth_probabilities"][drawn].tolist()
+            self.match_by_pi += list(zip(pi, (assigned == drawn).tolist(), strict=True))
         real = item["truth_region_mask"].bool()
         if bool(real.any()):
             f = region_inclusion_frequency(samples[None], item["truth_regions"][None] > 0.5, real[None])[0]
@@ -224,6 +230,9 @@ class Row:
                **convergence.score_sample_sets(items, self.samples)}  # fmt: skip
         out["mode_match"] = float(np.mean(self.matches)) if self.matches else float("nan")
         out["pair_diversity"] = float(np.mean(self.diversity))
+        for name, low, high in MATCH_BINS:
+            hits = [hit for pi, hit in self.match_by_pi if low <= pi < high]
+            out[f"mode_match_{name}"] = float(np.mean(hits)) if hits else float("nan")
         for value in PROBABILITIES:
             signed = [e for p, faint, e in self.lobes if p == value and not faint]
             out[f"signed_p{value}"] = float(np.mean(signed)) if signed else float("nan")
@@ -277,9 +286,13 @@ def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row
     z_prior = mu_p + sd_p * torch.randn(n, len(mu_p), generator=generator, dtype=torch.float64)
     at_mean = best_modes(probe.decode(mu_p[None].to(image.dtype)).cpu(), modes, real)
     changed = best_modes(probe.decode(z_prior.to(image.dtype)).cpu(), modes, real) != at_mean
+    reachable, sweep, multi_flip = _decoder_reach(probe, modes[index], mu_p, sd_p, m, between, generator)
     stats.append({
         "pi": [round(float(p), 3) for p in w],
         "kl_modes": [round(float(x), 2) for x in kl_modes],
+        "reachable": reachable,
+        "axis_sweep": sweep,
+        "axis_multi_flip_pixels": multi_flip,
         "minus_log_pi": [round(float(-math.log(p)), 2) for p in w],
         "kl_weighted": float((w * kl_modes).sum()),
         "entropy_pi": float(-(w * w.log()).sum()),
@@ -294,6 +307,33 @@ def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row
         "posterior_std": float(sd_k.mean()),
         "prior_std": float(sd_p.mean()),
     })  # fmt: skip
+
+
+def _decoder_reach(probe, modes, mu_p, sd_p, m, between, generator, draws: int = 4096, steps: int = 161):
+    """Which true modes can the decoder draw at all, and what does it draw along the latent's mode axis?
+
+    ``reachable``: per mode, whether any of ``draws`` latents from the prior widened 3x decodes to a mask with
+    IoU >= 0.9 with it. Along the axis of the largest between-mode variance (the other coordinates at the
+    aggregated mean ``m``, ``± 4`` prior stds around it): the sequence of decoded best modes (-1: none,
+    repeats dropped) and the share of the pixels that switch more than once along the axis (0: the axis
+    decodes to a nested chain of masks, each pixel turning on or off once).
+    """
+    z = mu_p + 3 * sd_p * torch.randn(draws, len(mu_p), generator=generator, dtype=torch.float64)
+    decoded = probe.decode(z.to(probe.image.dtype)).cpu().flatten(1).double()
+    flat = modes.flatten(1).double()
+    inter = decoded @ flat.T
+    union = decoded.sum(1)[:, None] + flat.sum(1)[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    reachable = [bool(x) for x in (iou >= 0.9).any(0)]
+    axis = int(between.argmax())
+    line = m.repeat(steps, 1)
+    line[:, axis] = m[axis] + torch.linspace(-4, 4, steps, dtype=torch.float64) * sd_p[axis]
+    masks = probe.decode(line.to(probe.image.dtype)).cpu()
+    assigned = best_modes(masks, modes, torch.ones(len(modes), dtype=torch.bool)).tolist()
+    sweep = [a for i, a in enumerate(assigned) if i == 0 or a != assigned[i - 1]]
+    flips = (masks[1:] != masks[:-1]).flatten(1).sum(0)
+    multi_flip = float((flips > 1).double().sum() / (flips > 0).double().sum().clamp(min=1))
+    return reachable, sweep, multi_flip
 
 
 def phiseg_image(network, image, item, n: int, generator, rows: dict[str, Row], stats: list[dict]) -> None:
@@ -368,13 +408,15 @@ def _f(value, fmt: str = "{:.3f}") -> str:
 
 def print_rows(result: dict) -> None:
     print(f"\n{result['method']}: {result['checkpoint']}, {result['images']} test images")
-    print("| row | samples | GED to truth | mode TV | lobe error | empty error | isolated px | mode match "
-          "| signed error p = 0.25 / 0.5 / 0.75 | faint lobes | pair diversity |")  # fmt: skip
+    print("| row | samples | GED to truth | mode TV | lobe error | empty error | isolated px | mode match (rare "
+          "/ middle / common π) | signed error p = 0.25 / 0.5 / 0.75 | faint lobes | pair diversity |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         scores = " | ".join(_f(r[n]) for n in convergence.SCORES)
         signed = " / ".join(_f(r[f"signed_p{p}"], "{:+.3f}") for p in PROBABILITIES)
-        print(f"| {r['row']} | {r['samples']} | {scores} | {_f(r['mode_match'])} | {signed} | "
+        by_pi = " / ".join(_f(r[f"mode_match_{name}"], "{:.2f}") for name, _, _ in MATCH_BINS)
+        match = f"{_f(r['mode_match'])} ({by_pi})" if r["mode_match"] == r["mode_match"] else "-"
+        print(f"| {r['row']} | {r['samples']} | {scores} | {match} | {signed} | "
               f"{r['faint_lobes']} | {_f(r['pair_diversity'])} |")  # fmt: skip
 
 
@@ -382,17 +424,22 @@ def print_stats(result: dict) -> None:
     stats = result["latent_stats"]
     if result["method"] == "prob_unet":
         print("\n| case | π | KL(q_k || p) | -log π_k | posterior-mean IoU | prior mean shift (agg. std) | prior std "
-              "/ agg. std | KL(N(m, v) || p) | between-mode share | mode dims | prior draws changed |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "/ agg. std | KL(N(m, v) || p) | between-mode share | mode dims | prior draws changed | reachable modes "
+              "| modes along the mode axis | pixels switching > once |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in stats:
             print(f"| {s['case_id']} | {s['pi']} | {s['kl_modes']} | {s['minus_log_pi']} | {s['posterior_mean_iou']} "
                   f"| {s['prior_mean_shift']:.2f} | {s['prior_std_ratio']:.2f} | {s['kl_aggregate_to_prior']:.2f} "
-                  f"| {s['between_share']:.2f} | {s['mode_dims']} | {s['prior_draws_changed']:.2f} |")  # fmt: skip
+                  f"| {s['between_share']:.2f} | {s['mode_dims']} | {s['prior_draws_changed']:.2f} | "
+                  f"{''.join('y' if r else 'n' for r in s['reachable'])} | {s['axis_sweep']} "
+                  f"| {s['axis_multi_flip_pixels']:.2f} |")  # fmt: skip
         names = ("kl_weighted", "entropy_pi", "prior_mean_shift", "prior_std_ratio", "kl_aggregate_to_prior",
                  "between_share", "mode_dims", "prior_draws_changed", "posterior_std", "prior_std")  # fmt: skip
         exact = [e for s in stats for e in s["posterior_mean_exact"]]
         summary = {name: round(float(np.mean([s[name] for s in stats])), 3) for name in names}
         summary["posterior_mean_exact_share"] = round(float(np.mean(exact)), 3)
+        summary["reachable_modes_share"] = round(float(np.mean([r for s in stats for r in s["reachable"]])), 3)
+        summary["axis_multi_flip_pixels"] = round(float(np.mean([s["axis_multi_flip_pixels"] for s in stats])), 3)
         summary["posterior_mean_iou"] = round(float(np.mean([x for s in stats for x in s["posterior_mean_iou"]])), 3)
     else:
         print("\n| case | π | KL per mode and level (finest first) | -log π_k |")

@@ -107,6 +107,8 @@ def test_prob_unet_rows_decode_what_the_posterior_encodes():
     q = Independent(Normal(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), torch.full((2, 2), 0.1)), 1)
     p = Independent(Normal(torch.zeros(2, 2), torch.ones(2, 2)), 1)
     torch.testing.assert_close(torch.tensor(stats[0]["kl_modes"]), kl_divergence(q, p), atol=0.01, rtol=0)
+    assert stats[0]["reachable"] == [True, True] and stats[0]["axis_sweep"] == [0, 1]  # core, then core + lobe
+    assert stats[0]["axis_multi_flip_pixels"] == 0.0
     assert abs(stats[0]["prior_draws_changed"] - 0.5) < 0.03  # z_0 = 0 decodes the core, half the draws the lobe
     assert abs(stats[0]["between_share"] - 3 / (3.01 + 0.01)) < 1e-6 and stats[0]["mode_dims"] == 1
 
