@@ -254,9 +254,9 @@ def _kl_diag(mean_q, std_q, mean_p, std_p) -> torch.Tensor:
     return (torch.log(std_p / std_q) + (std_q**2 + (mean_q - mean_p) ** 2) / (2 * std_p**2) - 0.5).sum(-1)
 
 
-def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row], stats: list[dict]) -> None:
-    """Every Prob. U-Net row and the latent statistics of one image."""
-    probe = ProbUNetProbe(network, image)
+def _oracle_rows(probe, image, item, n: int, generator, rows: dict[str, Row]):
+    """The rows both methods share: draw n true modes by their probabilities, decode the posterior's samples
+    (``oracle latent``) and means (``posterior mean``) of them. Returns (modes, real, pi, draw, k, masks)."""
     modes, real = item["truth_modes"] > 0.5, item["truth_mode_mask"].bool()
     pi = item["truth_probabilities"].double()
     draw = _normal_draw(generator)
@@ -264,6 +264,13 @@ def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row
     masks = modes[k].to(image.device)
     rows["oracle latent"].add(item, probe.posterior_samples(masks, draw), k)
     rows["posterior mean"].add(item, probe.posterior_samples(masks, _mean), k)
+    return modes, real, pi, draw, k, masks
+
+
+def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row], stats: list[dict]) -> None:
+    """Every Prob. U-Net row and the latent statistics of one image."""
+    probe = ProbUNetProbe(network, image)
+    modes, real, pi, draw, k, masks = _oracle_rows(probe, image, item, n, generator, rows)
     # the aggregated posterior over the true modes, its moments, and the prior
     index = torch.nonzero(real).flatten()
     q = probe.posterior(modes[index].to(image.device))
@@ -339,13 +346,7 @@ def _decoder_reach(probe, modes, mu_p, sd_p, m, between, generator, draws: int =
 def phiseg_image(network, image, item, n: int, generator, rows: dict[str, Row], stats: list[dict]) -> None:
     """Every PHiSeg row (oracle, posterior mean, the level bisection) and its KL per level of one image."""
     probe = PHiSegProbe(network, image)
-    modes, real = item["truth_modes"] > 0.5, item["truth_mode_mask"].bool()
-    pi = item["truth_probabilities"].double()
-    draw = _normal_draw(generator)
-    k = draw_modes(pi, n, generator)
-    masks = modes[k].to(image.device)
-    rows["oracle latent"].add(item, probe.posterior_samples(masks, draw), k)
-    rows["posterior mean"].add(item, probe.posterior_samples(masks, _mean), k)
+    modes, real, pi, draw, k, masks = _oracle_rows(probe, image, item, n, generator, rows)
     levels = len(probe.shapes)
     for start in range(1, levels):
         rows[f"posterior at levels >= {start}"].add(item, probe.posterior_samples(masks, draw, start), k)
