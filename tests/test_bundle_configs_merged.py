@@ -353,7 +353,7 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "prediction_type": "v_prediction",
         "noise_scheduler#prediction_type": "@prediction_type",
         # issue #15: the demo samples with DDIM (50 steps for inference): on the main job's model lobe error
-        # 0.064-0.070 against DDPM's 0.076-0.087 (docs/benchmarks.md); the paper overlays keep ancestral DDPM
+        # 0.074 against DDPM's 0.083 over 3 seeds (docs/benchmarks.md); the paper overlays keep ancestral DDPM
         "sampling_scheduler": {
             **{key: value for key, value in _CIMD_DDPM.items() if key != "variance_type"},  # DDIM has no variance
             "_target_": "ambiseg_monai.schedulers.respaced.RespacedDDIMScheduler",
