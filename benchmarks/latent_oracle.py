@@ -56,7 +56,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import convergence  # type: ignore[no-redef]
 
 from ambiseg_monai.data.demo import ensure_demo_dataset
-from ambiseg_monai.metrics.truth import region_inclusion_frequency
+from ambiseg_monai.metrics.truth import assign_modes, region_inclusion_frequency
 from ambiseg_monai.networks.latent_distributions import latent_kl_divergence, sample_with_generators
 
 METHODS = ("prob_unet", "phiseg")
@@ -76,19 +76,9 @@ def draw_modes(probabilities: torch.Tensor, num: int, generator: torch.Generator
 
 
 def best_modes(samples: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor) -> torch.Tensor:
-    """The best-IoU mode of each of N x H x W binary samples (ties: the first; -1: overlaps no mode).
-
-    The rule of :func:`~ambiseg_monai.metrics.truth.sampled_mode_frequencies`: two empty masks have IoU 1,
-    a sample needs a best IoU above 0.
-    """
-    s = samples.flatten(1).double()
-    m = modes.flatten(1).double()
-    inter = s @ m.T
-    union = s.sum(1)[:, None] + m.sum(1)[None] - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-    iou = iou.masked_fill(~mode_mask.bool()[None], -1.0)
-    best_iou, best = iou.max(1)
-    return torch.where(best_iou > 0, best, torch.full_like(best, -1))
+    """The assigned mode of each of N x H x W binary samples (-1: overlaps no mode): the rule of the truth
+    metrics, :func:`~ambiseg_monai.metrics.truth.assign_modes`, for one image."""
+    return assign_modes(samples[None], modes[None], mode_mask.bool()[None])[0].cpu()
 
 
 def pair_diversity(assigned: torch.Tensor) -> float:
@@ -249,11 +239,6 @@ def _items(batch: dict) -> list[dict]:
     return [{key: batch[key][i] for key in TRUTH_KEYS} for i in range(len(batch["image"]))]
 
 
-def _kl_diag(mean_q, std_q, mean_p, std_p) -> torch.Tensor:
-    """KL(N(mean_q, std_q²) || N(mean_p, std_p²)), diagonal, summed over the last dimension."""
-    return (torch.log(std_p / std_q) + (std_q**2 + (mean_q - mean_p) ** 2) / (2 * std_p**2) - 0.5).sum(-1)
-
-
 def _oracle_rows(probe, image, item, n: int, generator, rows: dict[str, Row]):
     """The rows both methods share: draw n true modes by their probabilities, decode the posterior's samples
     (``oracle latent``) and means (``posterior mean``) of them. Returns (modes, real, pi, draw, k, masks)."""
@@ -307,7 +292,9 @@ def prob_unet_image(network, image, item, n: int, generator, rows: dict[str, Row
         "posterior_mean_exact": [bool((decoded[j] == modes[index][j]).all()) for j in range(len(index))],
         "prior_mean_shift": float(((mu_p - m).abs() / v.sqrt()).mean()),  # in aggregated std units
         "prior_std_ratio": float((sd_p / v.sqrt()).mean()),
-        "kl_aggregate_to_prior": float(_kl_diag(m, v.sqrt(), mu_p, sd_p)),
+        "kl_aggregate_to_prior": float(
+            torch.distributions.kl_divergence(diagonal_gaussian(m, v.sqrt()), diagonal_gaussian(mu_p, sd_p))
+        ),
         "between_share": float(between.sum() / v.sum()),  # share of the aggregated variance between modes
         "mode_dims": int((between / v > 0.5).sum()),  # dimensions where the modes' means dominate
         "prior_draws_changed": float(changed.double().mean()),  # the truth's: 1 - π of the prior mean's mode

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ambiseg_monai.metrics import (
+    assign_modes,
     empty_fraction,
     isolated_pixel_fraction,
     region_inclusion_frequency,
@@ -127,3 +128,18 @@ def test_isolated_pixel_fraction_hand_computed():
     # foreground 4 + 1 + 1 + 2 = 8 pixels, 2 isolated
     assert isolated_pixel_fraction(masks).tolist() == [0.25]
     assert isolated_pixel_fraction(torch.zeros(2, 1, 3, 3)).tolist() == [0.0, 0.0]
+
+
+def test_assign_modes_picks_the_best_iou_mode_and_minus_one_for_no_match():
+    modes = torch.zeros(1, 3, 4, 4)
+    modes[0, 1, :2, :2] = 1  # a 2 x 2 square
+    modes[0, 2, :2, :] = 1  # the top half (contains the square)
+    preds = torch.zeros(1, 4, 4, 4)
+    preds[0, 1, :2, :2] = 1  # the square: IoU 1 with mode 1, 0.5 with mode 2
+    preds[0, 2, :2, :3] = 1  # IoU 4/6 with mode 1, 6/8 with mode 2
+    preds[0, 3, 3, 3] = 1  # overlaps nothing
+    assert assign_modes(preds, modes).tolist() == [[0, 1, 2, -1]]  # empty sample -> the empty mode
+    # a padded mode never receives a sample; a stricter min_iou leaves the weaker match unassigned
+    assert assign_modes(preds, modes, torch.tensor([[False, True, True]])).tolist() == [[-1, 1, 2, -1]]
+    assert assign_modes(preds, modes, min_iou=0.7).tolist() == [[0, 1, 2, -1]]
+    assert assign_modes(preds, modes, min_iou=0.8).tolist() == [[0, 1, -1, -1]]

@@ -30,6 +30,7 @@ from ambiseg_monai.metrics.pairwise import MaskSetOverlaps
 
 __all__ = [
     "generalized_energy_distance_to_truth",
+    "assign_modes",
     "sampled_mode_frequencies",
     "mode_frequency_error",
     "empty_fraction",
@@ -85,29 +86,43 @@ def generalized_energy_distance_to_truth(
     return 2 * cross - preds_term - truth_term
 
 
-def sampled_mode_frequencies(
+def assign_modes(
     preds: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor | None = None, min_iou: float = 0.0
 ) -> torch.Tensor:
-    """Fraction of the samples assigned to each mode (the mode with the highest IoU; ties: the first).
+    """The mode each sample is assigned to: the one with the highest IoU (ties: the first).
 
-    A sample whose best IoU is not above ``min_iou`` matches no mode (e.g. a non-empty blob that
-    overlaps nothing), so the frequencies of an image sum to at most 1. An empty sample matches an
-    empty mode with IoU 1 (two empty masks are identical).
+    A sample whose best IoU is not above ``min_iou`` matches no mode (-1; e.g. a non-empty blob that
+    overlaps nothing). An empty sample matches an empty mode with IoU 1 (two empty masks are identical).
 
     Args:
         preds: B x N x H x W binary samples.
         modes: B x K x H x W binary candidate masks.
         mode_mask: optional B x K bool marking real modes (padded modes never receive samples).
-        min_iou: a sample needs a best IoU strictly above this to be counted.
+        min_iou: a sample needs a best IoU strictly above this to be assigned.
 
     Returns:
-        B x K float64 frequencies.
+        B x N int64 mode indices, -1 where a sample matches no mode.
     """
     overlaps = _overlaps(preds, modes, mode_mask)
     iou = overlaps.iou_pred_rater().masked_fill(~overlaps.rater_mask[:, None, :], -1.0)  # B x N x K
     best_iou, best = iou.max(dim=2)
-    assigned = torch.nn.functional.one_hot(best, iou.shape[2]).to(torch.float64) * (best_iou > min_iou)[..., None]
-    return assigned.mean(1)
+    return torch.where(best_iou > min_iou, best, torch.full_like(best, -1))
+
+
+def sampled_mode_frequencies(
+    preds: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor | None = None, min_iou: float = 0.0
+) -> torch.Tensor:
+    """Fraction of the samples assigned to each mode (:func:`assign_modes`), so the frequencies of an image sum
+    to at most 1 (samples that match no mode count for none).
+
+    Args: as :func:`assign_modes`.
+
+    Returns:
+        B x K float64 frequencies.
+    """
+    assigned = assign_modes(preds, modes, mode_mask, min_iou)
+    one_hot = torch.nn.functional.one_hot(assigned.clamp(min=0), modes.shape[1]).to(torch.float64)
+    return (one_hot * (assigned >= 0)[..., None]).mean(1)
 
 
 def mode_frequency_error(
