@@ -32,6 +32,7 @@ setup(
     description="MONAI-based toolkit for ambiguous (multi-rater) medical image segmentation with diffusion models",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    # An SPDX expression; setuptools >= 77 warns when a "License ::" classifier repeats it.
     license="Apache-2.0",
     python_requires=">=3.10",
     # The importers live in the top-level preprocessing/ folder (the repository's layout) but are
@@ -78,6 +79,5 @@ setup(
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Medical Science Apps.",
-        "License :: OSI Approved :: Apache Software License",
     ],
 )
