@@ -79,6 +79,8 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 from ambiseg_monai.data.demo import ensure_demo_dataset
 from ambiseg_monai.diffusion.sampler import make_generators
 from ambiseg_monai.losses.ssn import StochasticSegmentationLoss
+from ambiseg_monai.metrics.pairwise import MaskSetOverlaps
+from ambiseg_monai.metrics.truth import sampled_mode_frequencies
 from ambiseg_monai.networks.ssn import COVARIANCE_EPSILON, foreground_logits, sample_logit_maps
 
 METHOD = "ssn"
@@ -91,12 +93,11 @@ BREAKDOWN = ("tv_unmatched", "tv_frequency", "unmatched", "exact", "low_iou", "p
 # helpers (tested on their own)
 # ------------------------------------------------------------------------------------------------
 def best_iou(samples: torch.Tensor, modes: torch.Tensor, mode_mask: torch.Tensor) -> torch.Tensor:
-    """N best IoUs of N x H x W binary samples with the real modes (two empty masks: IoU 1)."""
-    flat = samples.flatten(1).double()
-    truth = modes[mode_mask.bool()].flatten(1).double()
-    inter = flat @ truth.T
-    union = flat.sum(1)[:, None] + truth.sum(1)[None] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter)).max(1).values
+    """N best IoUs of N x H x W binary samples with the real modes (two empty masks: IoU 1), by the metrics' own
+    overlap counts (:class:`~ambiseg_monai.metrics.pairwise.MaskSetOverlaps`)."""
+    real = mode_mask.bool()[None]
+    overlaps = MaskSetOverlaps.from_masks(samples.bool()[None], modes.bool()[None], real)
+    return overlaps.iou_pred_rater()[0].masked_fill(~real, -1.0).max(1).values.double()
 
 
 def mode_tv_breakdown(item: dict, samples: torch.Tensor) -> dict[str, float]:
@@ -104,8 +105,7 @@ def mode_tv_breakdown(item: dict, samples: torch.Tensor) -> dict[str, float]:
     samples = samples.cpu().bool()
     modes, real = item["truth_modes"] > 0.5, item["truth_mode_mask"].bool()
     assigned = latent_oracle.best_modes(samples, modes, real)  # the truth metrics' rule: -1 overlaps no mode
-    counts = torch.bincount(assigned.clamp(min=0), weights=(assigned >= 0).double(), minlength=len(modes))
-    frequencies = counts / len(samples)
+    frequencies = sampled_mode_frequencies(samples[None], modes[None], real[None])[0]
     pi = item["truth_probabilities"].double()
     unmatched = float((assigned < 0).double().mean())
     iou = best_iou(samples, modes, real)
