@@ -90,6 +90,7 @@ DROPPED_HANDLERS = (
     "StatsHandler",
     "MLFlowHandler",
     "mlflow_handler",
+    "MLflowModelLogger",
     "ProvenanceHandler",
     "CheckpointSaver",
     "TrainingSummary",  # it names the MLflow run and the validator: both would be built for nothing

@@ -147,6 +147,16 @@ def test_convergence_scores_every_method_and_a_saved_checkpoint(tmp_path, monkey
     assert {k: rescored[-1][k] for k in convergence.SCORES} == {k: study_row[k] for k in convergence.SCORES}
 
 
+@pytest.mark.parametrize("method", convergence.METHODS)
+def test_convergence_trains_without_tracking_validation_or_checkpoints(method, small_demo_dataset):
+    """A study run only trains: no handler of it opens an MLflow store (``mlruns.db`` in the working folder), builds
+    the validator or writes checkpoints."""
+    handlers = json.dumps(convergence.training_config(method, small_demo_dataset, [], {}, 10)["train#handlers"])
+    for needle in ("mlflow", "MLflow", "validate", "Checkpoint", "ckpt_dir", "output_dir"):
+        assert needle not in handlers, (method, needle)
+    assert "NonFiniteGuard" in handlers and "@train::method_handler" in handlers  # what a training needs stays
+
+
 FLOW = {method: f"bundles/{method}/configs/flow_matching.json" for method in ("cimd", "ambdiffseg")}
 
 
