@@ -66,6 +66,7 @@ setup(
         "matplotlib>=3.8",
         "pandas>=2.0",
         "scikit-image>=0.22",
+        "filelock>=3.12",  # one process at a time creates a new SQLite MLflow store (reporting.tracking)
     ],
     extras_require={
         "test": TEST_REQUIRES,

@@ -25,6 +25,7 @@ from ignite.engine import Engine, Events
 from ambiseg_monai.handlers import GuardedMLFlowHandler, MLflowModelLogger, ProvenanceHandler
 from ambiseg_monai.reporting import naming, provenance
 from ambiseg_monai.reporting.report import _comparison_experiment_id
+from ambiseg_monai.reporting.tracking import sqlite_store_lock
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_CONFIG = "bundles/cimd/configs/train.json"
@@ -249,3 +250,49 @@ def test_source_tags_name_the_config_and_the_commit_of_the_checkout():
         assert "mlflow.source.git.commit" not in tags
     else:
         assert tags["mlflow.source.git.commit"] == provenance.git_commit() == head.stdout.strip()
+
+
+_OPEN_STORE_TOGETHER = """
+import sys, time
+from pathlib import Path
+from monai.handlers import MLFlowHandler
+from ambiseg_monai.handlers import GuardedMLFlowHandler
+from ambiseg_monai.reporting import resolve_tracking_uri
+folder, index, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(folder / f"ready-{index}").touch()
+while len(list(folder.glob("ready-*"))) < count:  # start together, after the slow imports
+    time.sleep(0.01)
+uri = f"sqlite:///{folder / 'mlruns.db'}"
+if index == "0":  # a training's handler
+    GuardedMLFlowHandler(tracking_uri=uri, experiment_name="cimd")
+else:  # evaluate.json: MONAI's handler on the URI the bundle resolved
+    MLFlowHandler(tracking_uri=resolve_tracking_uri(uri), experiment_name="cimd")
+"""
+
+
+def test_runs_started_together_on_a_new_store_create_it_once(tmp_path):
+    """Trainings and evaluations started at once on a fresh checkout all create ``mlruns.db``: without the store
+    lock the later ones' schema migrations fail (``table alembic_version already exists``, ``Online migration expected to match
+    one row``)."""
+    count = 3
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_STORE_TOGETHER, str(tmp_path), str(i), str(count)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(count)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0] * count, "\n".join(o[-2000:] for o in outputs)
+    assert not any("already exists" in output for output in outputs)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert client.search_experiments()  # a usable store (its Default experiment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns.db", "ready-0", "ready-1", "ready-2"]
+
+
+def test_a_store_held_too_long_by_another_process_is_a_clear_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with sqlite_store_lock(uri):  # a second lock on the same file blocks, as another process's would
+        with pytest.raises(TimeoutError, match=r"opening the MLflow store .*mlruns\.db for over 0 s"):
+            with sqlite_store_lock(uri, timeout=0.2):
+                pass
+    with sqlite_store_lock(uri, timeout=0.2), sqlite_store_lock("http://127.0.0.1:5000", timeout=0.2):
+        pass  # released again; servers are not locked

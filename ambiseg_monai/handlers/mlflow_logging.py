@@ -480,10 +480,11 @@ class GuardedMLFlowHandler(MLFlowHandler):
         continue_run: bool = False,
         **kwargs,
     ) -> None:
-        from ambiseg_monai.reporting.tracking import FailoverClient
+        from ambiseg_monai.reporting.tracking import FailoverClient, sqlite_store_lock
 
-        super().__init__(tracking_uri=tracking_uri, **kwargs)
         effective = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+        with sqlite_store_lock(effective):  # MONAI's __init__ opens the store: create a new one once
+            super().__init__(tracking_uri=tracking_uri, **kwargs)
         self.effective_tracking_uri = effective
         self.run_id_file = None if run_id_file is None else Path(run_id_file)
         self.continue_run = bool(continue_run)

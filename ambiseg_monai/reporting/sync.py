@@ -30,7 +30,7 @@ import mlflow
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 
 from ambiseg_monai.reporting import naming
-from ambiseg_monai.reporting.tracking import TAG_CONTINUES_RUN, TAG_CONTINUES_URI
+from ambiseg_monai.reporting.tracking import TAG_CONTINUES_RUN, TAG_CONTINUES_URI, open_tracking_client
 
 #: the library API (the ``ambiseg`` subcommand's ``configure_parser`` and ``main`` are not part of it)
 __all__ = [
@@ -148,7 +148,7 @@ def sync_runs(
     if source_uri == destination_uri:
         raise ValueError(f"source and destination are the same store ({source_uri}).")
     source = mlflow.MlflowClient(source_uri)
-    destination = mlflow.MlflowClient(destination_uri)
+    destination = open_tracking_client(destination_uri)  # may be a new store
     available = {e.name: e for e in source.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
     names = list(experiments) if experiments else sorted(available)
     missing = [n for n in names if n not in available]

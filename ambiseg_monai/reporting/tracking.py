@@ -22,9 +22,11 @@ command merges such a run into the server's run it continues.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import os
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -46,6 +48,8 @@ __all__ = [
     "probe_tracking_uri",
     "resolve_tracking_uri",
     "sqlite_uri_path",
+    "sqlite_store_lock",
+    "open_tracking_client",
     "pending_sync_file",
     "record_pending_sync",
     "sync_command",
@@ -87,6 +91,49 @@ def sqlite_uri_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :])
+
+
+@contextmanager
+def sqlite_store_lock(uri: str, timeout: float = 300.0) -> Iterator[None]:
+    """Hold an inter-process lock on a ``sqlite:///`` store while a client opens it (no-op for other URIs).
+
+    A client that opens a new SQLite store creates its tables and runs MLflow's schema migrations; two
+    processes doing that at once (two trainings started together on a fresh checkout) collide, and the
+    second fails with ``sqlite3.OperationalError: table alembic_version already exists``. Under this lock
+    the first process creates the store and the others find it ready. The lock file lives in the temporary
+    folder, named after the database's absolute path, so nothing is added next to the user's store.
+
+    Args:
+        uri: the tracking URI about to be opened.
+        timeout: seconds to wait for another process's initialisation before giving up.
+    """
+    database = sqlite_uri_path(uri)
+    if database is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    key = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:16]
+    lock = FileLock(Path(tempfile.gettempdir()) / f"ambiseg-mlflow-store-{key}.lock")
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise TimeoutError(
+            f"another process has been opening the MLflow store {database} for over {timeout:.0f} s "
+            f"(lock {lock.lock_file}); if no such process is running, delete that lock file."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def open_tracking_client(uri: str) -> MlflowClient:
+    """``mlflow.MlflowClient(uri)``, opened under :func:`sqlite_store_lock` so that a new store is created once."""
+    import mlflow
+
+    with sqlite_store_lock(uri):
+        return mlflow.MlflowClient(uri)
 
 
 def pending_sync_file(offline_uri: str) -> Path | None:
@@ -145,7 +192,8 @@ def resolve_tracking_uri(
         (:class:`TrackingServerUnreachableWarning`) with the import command, recording it in
         ``<offline db>.pending-sync.txt`` and, when the unreachable URI came from
         ``MLFLOW_TRACKING_URI``, pointing that variable to the fallback too (MONAI's
-        ``MLFlowHandler`` gives the variable priority over its argument).
+        ``MLFlowHandler`` gives the variable priority over its argument). A new SQLite store is created
+        here (:func:`open_tracking_client`), so that runs started together do not race to create it.
 
     Raises:
         ValueError: when a local store is unusable (e.g. a file store or a missing folder): that is a
@@ -155,6 +203,8 @@ def resolve_tracking_uri(
     uri = tracking_uri or env_uri or DEFAULT_TRACKING_URI
     reason = probe_tracking_uri(uri, timeout)
     if reason is None:
+        if sqlite_uri_path(uri) is not None:
+            open_tracking_client(uri)  # create a new store now, once, before the run's handlers open it
         return uri
     if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
         raise ValueError(f"MLflow tracking URI {uri!r} is unusable: {reason}.")
@@ -175,6 +225,7 @@ def resolve_tracking_uri(
     record_pending_sync(fallback, uri)
     if env_uri and env_uri == uri:
         os.environ["MLFLOW_TRACKING_URI"] = fallback
+    open_tracking_client(fallback)
     return fallback
 
 
@@ -348,12 +399,10 @@ class _Failover:
 
     # ------------------------------------------------------------------ switching to the offline store
     def go_offline(self, method: str, error: BaseException) -> None:
-        import mlflow
-
         with self.lock:
             if self.client is not None:
                 return
-            self.client = mlflow.MlflowClient(self.offline_uri)
+            self.client = open_tracking_client(self.offline_uri)
             self.reason = f"{method}: {_short_reason(error)}"
             command = record_pending_sync(self.offline_uri, self.server)
             message = (
