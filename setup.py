@@ -1,10 +1,18 @@
 """Packaging for ambiseg-monai: ambiguous (multi-rater) medical image segmentation on MONAI."""
 
+import warnings
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+
+# The package_dir mapping below (preprocessing/ installed as ambiseg_monai.preprocessing) makes
+# setuptools >= 64 implement `pip install -e .` with an import hook, and recent setuptools then emits an
+# informational "Editable installation. Please be careful with folders in your working directory with
+# the same name as your package ..." that pip >= 26 prints as a warning block on every editable install
+# (the README's two commands); there is nothing a user can do about it, so only that message is silenced.
+warnings.filterwarnings("ignore", message=r"Editable installation\.", module=r"setuptools")
 
 # The deploy SDK is not in the test extra: installed next to MONAI it lands in the monai/ package
 # folder, `import monai` then imports monai.deploy and with it Holoscan (a stack-size RuntimeWarning
