@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from ambiseg_monai.data.datalist import load_split
 from ambiseg_monai.data.demo import DemoConfig, generate_demo_dataset
 from benchmarks import convergence, quality, run_all, sampler_overhead
 from benchmarks import metrics as metrics_benchmark
@@ -358,12 +359,26 @@ def test_denoiser_vs_oracle_scores_a_saved_cimd_model(tmp_path, small_demo_datas
     parser["device"] = "$torch.device('cpu')"
     torch.save({"ema": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
     results = denoiser_vs_oracle.main(["--checkpoint", str(tmp_path / "model.pt"), "--dataset-dir", small_demo_dataset,
-                                       "--images", "2", "--samples", "4", "--draws", "8", "--threads", "1",
+                                       "--images", "3", "--samples", "4", "--draws", "8", "--threads", "1",
                                        "--calibration-times", "500", "900", "--bands", "0-1000"])  # fmt: skip
-    assert [row["t"] for row in results["calibration"]] == [500, 900]
+    faint = [item["truth"]["empty_probability"] > 0 for item in load_split(small_demo_dataset, "test")[:3]]
+    assert faint == [False, False, True]  # the fixture's first three test images: both kinds of lesion
+    kinds = ["normal", "faint"]
+    assert [(row["t"], row["lesions"]) for row in results["calibration"]] == [(t, k) for t in (500, 900) for k in kinds]
     assert all(0.0 <= row["mean_abs_dq"] <= 1.0 for row in results["calibration"])
     assert [row["oracle_band"] for row in results["bands"]] == ["none", "[0, 1000)"]
     assert all(0.0 <= row["lobe_error"] <= 1.0 for row in results["bands"])
+    # --lesions reads one kind only: the other kind's rows and signed errors are gone
+    for kind in kinds:
+        only = denoiser_vs_oracle.main(["--checkpoint", str(tmp_path / "model.pt"), "--dataset-dir", small_demo_dataset,
+                                        "--images", "3", "--samples", "2", "--draws", "4", "--threads", "1",
+                                        "--lesions", kind, "--calibration-times", "999", "--bands"])  # fmt: skip
+        assert [row["lesions"] for row in only["calibration"]] == [kind]
+        mine = "faint_signed_p" if kind == "faint" else "signed_p"
+        (row,) = only["bands"]  # --bands alone: the model's row only
+        for row in only["bands"]:
+            read = {key for key, value in row.items() if "signed_p" in key and value == value}  # not NaN
+            assert read and all(key.startswith(mine) for key in read)
 
 
 def test_memorisation_compares_sampled_lobe_frequencies_with_the_images_own_draws(tmp_path, small_demo_dataset):
