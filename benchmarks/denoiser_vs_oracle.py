@@ -130,7 +130,8 @@ def calibration(
             x, y = torch.logit(q_exact[undecided], eps=1e-3), torch.logit(q_net[undecided], eps=1e-3)
             slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
         row = {"t": t, "lesions": "faint" if faint else "normal", "logit_slope": round(slope, 2),
-               "undecided": int(undecided.sum()), "mean_abs_dq": round(float((q_net - q_exact).abs().mean()), 3)}  # fmt: skip
+               "undecided": int(undecided.sum()),
+               "mean_abs_dq": round(float((q_net - q_exact).abs().mean()), 3)}  # fmt: skip
         for value in PROBABILITIES:
             chosen = p == value
             if bool(chosen.any()):
