@@ -114,7 +114,8 @@ def sqlite_store_lock(uri: str, timeout: float = 300.0) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     key = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:16]
-    lock = FileLock(Path(tempfile.gettempdir()) / f"ambiseg-mlflow-store-{key}.lock")
+    # mode 0o666: another user opening the same (shared) store can take the lock file this one created
+    lock = FileLock(Path(tempfile.gettempdir()) / f"ambiseg-mlflow-store-{key}.lock", mode=0o666)
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
