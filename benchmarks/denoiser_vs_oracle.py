@@ -171,8 +171,7 @@ def band_bisection(
             for value in PROBABILITIES:
                 signed = [e for p, faint, e in errors if p == value and faint == kind]
                 row[f"{prefix}signed_p{value}"] = round(float(np.mean(signed)), 3) if signed else float("nan")
-        faint_errors = [round(e, 2) for _, faint, e in errors if faint]
-        row["faint_lobes"] = faint_errors if len(faint_errors) <= 8 else len(faint_errors)  # each, or how many
+        row["faint_lobes"] = [round(e, 2) for _, faint, e in errors if faint]
         rows.append(row)
         print(row, flush=True)
     return rows
