@@ -68,6 +68,19 @@ def test_lidc_overlay_holds_the_paper_settings():
     assert (schedule.logsnr_min, schedule.logsnr_max) == (-20.0, 20.0)
 
 
+def test_lr_schedule_spans_the_run_with_and_without_iterations_per_epoch(small_demo_dataset):
+    """The warm-up and the cosine decay are fractions of the run's iterations: an ``iterations_per_epoch``
+    epoch (a shorter or longer epoch than one pass over the data) must count as such, or the schedule ends early
+    and the rest of the run trains at learning rate 0."""
+    for per_epoch, expected in ((None, 3 * 2), (7, 3 * 7)):  # 8 training images, batch 4: 2 batches per epoch
+        parser = _parser()
+        parser.update({"dataset_dir": small_demo_dataset, "demo_dir": None, "batch_size": 4, "max_epochs": 3,
+                       "iterations_per_epoch": per_epoch})  # fmt: skip
+        schedule = parser.get_parsed_content("lr_schedule")
+        assert schedule.total_steps == expected
+        assert (schedule.warmup_steps, schedule.decay_steps) == (expected // 10, expected // 4)
+
+
 def test_crop64_overlay_uses_random_crops_and_ddpm():
     parser = _parser("lidc.json", "lidc_crop64.json")
     assert parser["center_crop_size"] == [128, 128] and parser["random_crop_size"] == [64, 64]
