@@ -368,6 +368,10 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
        for overlay in ("lidc", "ms", "bone_us")},
     "ambdiffseg/train.json": {
         **_AMBDIFFSEG_AUGMENTATION,
+        # the schedule spans the run's iterations: an iterations_per_epoch epoch counts as one (it counted a pass
+        # over the data), so the setting (null: one pass) is now read here too
+        "iterations_per_epoch": None,
+        "total_steps": "$@max_epochs * (@iterations_per_epoch or len(@train#dataloader))",
         "validate#handlers#0": Inserted(_PHASE_LOGGER),
         "provenance_params": {
             "method": "ambdiffseg",
@@ -472,7 +476,12 @@ INTENDED_CHANGES: dict[str, dict[str, object]] = {
         "evaluate#handlers#5": REMOVED,
     },
     # the paper's LIDC setting: the official code trains with its augmentation switched off
-    "ambdiffseg/lidc.json": {"augment": False},
+    # lidc.json keeps its own epoch and schedule length (unchanged) over the train.json changes above
+    "ambdiffseg/lidc.json": {
+        "augment": False,
+        "iterations_per_epoch": 1000,
+        "total_steps": "$@max_epochs * @iterations_per_epoch",
+    },
     "prob_unet/evaluate.json": {
         **_EVAL_PHASES,
         "eval_provenance_params": {"mode": "evaluate", "ckpt_path": "@ckpt_path", "split": "@eval_split"},
